@@ -1,0 +1,29 @@
+//! # qlora
+//!
+//! QLoRA fine-tuning of small causal language models (SmolLM2, Qwen2.5, TinyLlama, Llama 3,
+//! Mistral) in Rust, built to be used from Jupyter notebooks through the evcxr kernel, and
+//! DSPy-style programs over the fine-tuned models.
+//!
+//! ```no_run
+//! use qlora::prelude::*;
+//! let model = Model::load("default")?; // SmolLM2-135M-Instruct (Q4_1 GGUF), fully offline
+//! let out = model.generate_chat(&[Message::user("What is the capital of France?")],
+//!                               &GenerationConfig::greedy(32))?;
+//! println!("{}", out.text);
+//! # Ok::<(), qlora::Error>(())
+//! ```
+
+pub mod display;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod ops;
+
+pub use error::{Error, Result};
+
+/// The names a notebook needs, in one import.
+pub mod prelude {
+    pub use crate::generate::{GenerationConfig, GenerationOutput};
+    pub use crate::model::{LoadOptions, Message, Model};
+    pub use crate::{Error, Result};
+}

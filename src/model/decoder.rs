@@ -1,0 +1,462 @@
+//! The decoder of the Llama family (Llama, Mistral, Qwen2): pre-norm blocks of grouped-query
+//! attention with rotary positions and a SwiGLU MLP.
+//!
+//! Unlike candle-transformers' models it returns logits for every position (training needs
+//! them), exposes its layers, and uses only differentiable ops (see [`crate::ops`]).
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::weights::WeightSource;
+use crate::ops;
+use crate::{Error, Result};
+
+/// Keys and values of earlier positions, one pair per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match &self.layers[layer] {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+
+    /// Keeps only the batch rows in `rows` (generation drops finished sequences).
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        if self.layers.iter().all(|l| l.is_none()) {
+            return Ok(());
+        }
+        let device = self
+            .layers
+            .iter()
+            .flatten()
+            .next()
+            .unwrap()
+            .0
+            .device()
+            .clone();
+        let idx = Tensor::new(rows, &device)?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+}
+
+/// Per-call inputs shared by every layer: rotary tables and the attention mask.
+struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+/// The whole decoder: embeddings, blocks, final norm and output head.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &Context,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let split = |x: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.q_proj.forward(xs)?, self.num_heads)?;
+        let k = split(self.k_proj.forward(xs)?, self.num_kv_heads)?;
+        let v = split(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let q = ops::apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = ops::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Mask and softmax in f32, as transformers' eager attention does, whatever the
+        // weights' dtype (the f32 mask value would overflow f16).
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match &ctx.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = ops::swiglu(&self.gate_proj.forward(xs)?, &self.up_proj.forward(xs)?)?;
+        Ok(self.down_proj.forward(&h)?)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &Context,
+        eps: f64,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(xs, &self.input_layernorm, eps)?;
+        let xs = (xs + self.self_attn.forward(&h, ctx, cache)?)?;
+        let h = ops::rms_norm(&xs, &self.post_attention_layernorm, eps)?;
+        Ok((&xs + self.mlp.forward(&h)?)?)
+    }
+
+    /// Every linear layer of the block with its transformers name relative to the block.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+}
+
+impl Decoder {
+    /// Builds the decoder from `weights`, computing in `dtype` on `device`.
+    pub fn load(
+        config: &ModelConfig,
+        weights: &mut WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = config;
+        let h = c.hidden_size;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        if let WeightSource::Gguf(g) = weights {
+            g.set_qk_heads(c.num_attention_heads, c.num_key_value_heads);
+        }
+        let embed_tokens =
+            weights.tensor("model.embed_tokens.weight", &[c.vocab_size, h], dtype)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = c.attention_bias;
+            let self_attn = Attention {
+                q_proj: weights.linear(&format!("{p}.self_attn.q_proj"), q_out, h, bias, dtype)?,
+                k_proj: weights.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, bias, dtype)?,
+                v_proj: weights.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, bias, dtype)?,
+                o_proj: weights.linear(&format!("{p}.self_attn.o_proj"), h, q_out, false, dtype)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let m = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: weights.linear(&format!("{p}.mlp.gate_proj"), m, h, false, dtype)?,
+                up_proj: weights.linear(&format!("{p}.mlp.up_proj"), m, h, false, dtype)?,
+                down_proj: weights.linear(&format!("{p}.mlp.down_proj"), h, m, false, dtype)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: weights.tensor(
+                    &format!("{p}.input_layernorm.weight"),
+                    &[h],
+                    dtype,
+                )?,
+                post_attention_layernorm: weights.tensor(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    dtype,
+                )?,
+            });
+        }
+        let norm = weights.tensor("model.norm.weight", &[h], dtype)?;
+        let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            match weights {
+                // Keep a GGUF's tied head quantised rather than reusing the dense embedding.
+                WeightSource::Gguf(_) => {
+                    weights.linear("model.embed_tokens", c.vocab_size, h, false, dtype)?
+                }
+                WeightSource::Safetensors(_) => Linear::dense(embed_tokens.clone(), None),
+            }
+        } else {
+            weights.linear("lm_head", c.vocab_size, h, false, dtype)?
+        };
+        let inv_freq = c.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        Ok(Self {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The dtype activations are computed in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits for every position: `[batch, seq, vocab]`.
+    ///
+    /// `input_ids` is `[batch, seq]` (u32). `attention_mask`, if given, is `[batch, past + seq]`
+    /// with 1 for real tokens and 0 for padding (left padding), covering the cached positions
+    /// too; positions are then counted from each row's first real token, as transformers'
+    /// `generate` does. With a `cache`, keys and values are appended to it.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// Logits of the last position only: `[batch, vocab]` (what generation needs).
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`, before the output head (a chunked loss
+    /// applies the head piece by piece).
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "input_ids must be [batch, seq], got shape {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        if t == 0 {
+            return Err(Error::InvalidArgument("input_ids has no positions".into()));
+        }
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        if let Some(c) = cache.as_ref() {
+            if c.layers.len() != self.layers.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache has {} layers, model has {}",
+                    c.layers.len(),
+                    self.layers.len()
+                )));
+            }
+        }
+        let ctx = self.context(b, t, past, attention_mask)?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max_id = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max_id >= self.config.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "token id {max_id} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            )));
+        }
+        let mut xs = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            xs = layer.forward(&xs, &ctx, self.config.rms_norm_eps, c)?;
+        }
+        Ok(ops::rms_norm(&xs, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    /// Rotary tables for each row's positions and the additive attention mask.
+    fn context(&self, b: usize, t: usize, past: usize, mask: Option<&Tensor>) -> Result<Context> {
+        let total = past + t;
+        let mask_rows: Option<Vec<Vec<f32>>> = match mask {
+            None => None,
+            Some(m) => {
+                let dims = m.dims();
+                if dims != [b, total] {
+                    return Err(Error::InvalidArgument(format!(
+                        "attention_mask must be [batch, past + seq] = [{b}, {total}], got {dims:?}"
+                    )));
+                }
+                Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+            }
+        };
+        // Positions: counted from each row's first real token when a mask is given.
+        let positions: Vec<Vec<usize>> = match &mask_rows {
+            None => vec![(past..total).collect(); b],
+            Some(rows) => rows
+                .iter()
+                .map(|row| {
+                    let mut count = 0usize;
+                    let all: Vec<usize> = row
+                        .iter()
+                        .map(|&m| {
+                            if m > 0.5 {
+                                count += 1;
+                            }
+                            count.saturating_sub(1)
+                        })
+                        .collect();
+                    all[past..].to_vec()
+                })
+                .collect(),
+        };
+        let half = self.inv_freq.len();
+        let d = 2 * half;
+        let mut cos = Vec::with_capacity(b * t * d);
+        let mut sin = Vec::with_capacity(b * t * d);
+        for row in &positions {
+            for &p in row {
+                // f32 products as transformers computes them, so tables agree to the last bit
+                // at small positions.
+                let angles: Vec<f32> = self.inv_freq.iter().map(|&f| p as f32 * f).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos()));
+                    sin.extend(angles.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, 1, t, d), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, d), &self.device)?.to_dtype(self.dtype)?;
+
+        // A single new token with no padding needs no mask: it may see everything cached.
+        let window = self.config.sliding_window;
+        let needs_mask = t > 1 || mask_rows.is_some() || window.is_some_and(|w| total > w);
+        let mask = if needs_mask {
+            let mut data = Vec::with_capacity(b * t * total);
+            for r in 0..b {
+                for i in 0..t {
+                    let q = past + i;
+                    for k in 0..total {
+                        let causal = k <= q;
+                        let in_window = window.is_none_or(|w| q - k.min(q) < w);
+                        let real = mask_rows.as_ref().is_none_or(|rows| rows[r][k] > 0.5);
+                        // The dtype's most negative value, as transformers uses, keeps rows
+                        // that see only padding finite instead of NaN.
+                        data.push(if causal && in_window && real {
+                            0.0
+                        } else {
+                            f32::MIN
+                        });
+                    }
+                }
+            }
+            let m = Tensor::from_vec(data, (b, 1, t, total), &self.device)?;
+            Some(m)
+        } else {
+            None
+        };
+        Ok(Context { cos, sin, mask })
+    }
+
+    /// Number of parameters actually held (embeddings counted once when tied).
+    pub fn num_parameters(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.linears()
+                    .iter()
+                    .map(|(_, lin)| lin.num_parameters())
+                    .sum::<usize>()
+                    + l.input_layernorm.elem_count()
+                    + l.post_attention_layernorm.elem_count()
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.num_parameters()
+        };
+        self.embed_tokens.elem_count() + per_layer + self.norm.elem_count() + head
+    }
+}

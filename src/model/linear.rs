@@ -1,0 +1,179 @@
+//! The one linear layer every projection of the decoder goes through.
+//!
+//! Its weight is either a dense tensor or a block of GGML-quantised data (from a GGUF file) that
+//! stays quantised in memory and is dequantised for each product. Later layers of the crate
+//! (4-bit NF4 bases, LoRA adapters) extend this type, so the decoder never changes when they
+//! arrive.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+/// Storage of a linear layer's `[out_features, in_features]` weight.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A plain tensor in the model's compute dtype.
+    Dense(Tensor),
+    /// GGML blocks (Q4_0, Q4_1, Q8_0, K-quants, F16, ...), dequantised per call.
+    Ggml(Arc<QTensor>),
+}
+
+/// `y = x Wᵀ + b`, with `W` dense or quantised.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    /// The dtype products are computed in (inputs are expected in it).
+    compute_dtype: DType,
+}
+
+impl Linear {
+    /// A linear layer over a dense `[out, in]` weight.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let compute_dtype = weight.dtype();
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            compute_dtype,
+        }
+    }
+
+    /// A linear layer over GGML-quantised data; products run in `compute_dtype`.
+    pub fn ggml(weight: Arc<QTensor>, bias: Option<Tensor>, compute_dtype: DType) -> Self {
+        Self {
+            weight: LinearWeight::Ggml(weight),
+            bias,
+            compute_dtype,
+        }
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        let dims = match &self.weight {
+            LinearWeight::Dense(w) => w.dims().to_vec(),
+            LinearWeight::Ggml(q) => q.shape().dims().to_vec(),
+        };
+        (dims[0], dims[1])
+    }
+
+    /// The weight as a dense tensor in the compute dtype (dequantised when quantised).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Ggml(q) => q.dequantize(&q.device())?.to_dtype(self.compute_dtype),
+        }
+    }
+
+    /// Number of parameters (weight and bias).
+    pub fn num_parameters(&self) -> usize {
+        let (o, i) = self.shape();
+        o * i + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
+
+    /// Bytes the weight and bias occupy in memory.
+    pub fn storage_bytes(&self) -> usize {
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Ggml(q) => q.storage_size_in_bytes(),
+        };
+        w + self
+            .bias
+            .as_ref()
+            .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
+    /// A short name of the weight's storage format: `f32`, `bf16`, `Q4_1`, ...
+    pub fn format_name(&self) -> String {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dtype().as_str().to_string(),
+            LinearWeight::Ggml(q) => ggml_dtype_name(q.dtype()).to_string(),
+        }
+    }
+}
+
+/// The conventional spelling of a GGML dtype (`Q4_1`, `Q4K`→`Q4_K`, ...).
+pub fn ggml_dtype_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+        #[allow(unreachable_patterns)]
+        _ => "GGML",
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.dense_weight()?;
+        // Flatten leading dims so the product is one 2-D matmul against the transposed weight
+        // (candle's CPU gemm reads the transposed layout without a copy).
+        let dims = xs.dims().to_vec();
+        let in_features = *dims.last().expect("linear input has at least one dim");
+        let rows = xs.elem_count() / in_features.max(1);
+        let y = xs.reshape((rows, in_features))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn quantised_and_dense_agree_and_gradient_reaches_input() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (8, 64), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let wq = q.dequantize(&dev).unwrap();
+        let dense = Linear::dense(wq, None);
+        let quant = Linear::ggml(Arc::new(q), None, DType::F32);
+        assert_eq!(quant.shape(), (8, 64));
+        assert_eq!(quant.format_name(), "Q8_0");
+        assert!(quant.storage_bytes() < dense.storage_bytes() / 3);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap()).unwrap();
+        let a = dense.forward(x.as_tensor()).unwrap();
+        let b = quant.forward(x.as_tensor()).unwrap();
+        assert_eq!(a.dims(), &[2, 3, 8]);
+        let diff = (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let grads = b.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}

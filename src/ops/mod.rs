@@ -1,0 +1,122 @@
+//! Differentiable building blocks of the decoder.
+//!
+//! candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward pass and raise no
+//! error when one is needed: gradients silently stop at them. Every op here is composed from
+//! primitives that candle can differentiate, so LoRA adapters upstream of them receive gradient.
+//! A later step replaces them with custom ops that carry a hand-written backward for speed.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// RMSNorm as transformers computes it: in f32, then cast back, then scaled by `weight`.
+///
+/// `y = weight * (x / sqrt(mean(x², last dim) + eps))`
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs32 = xs.to_dtype(DType::F32)?;
+    let variance = xs32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xs32.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, built from primitives (max-subtracted for stability).
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(xs, D::Minus1)
+}
+
+/// `x[..., :d/2]` and `x[..., d/2:]` swapped with the first half negated: `[-x2, x1]`.
+fn rotate_half(xs: &Tensor) -> Result<Tensor> {
+    let half = xs.dim(D::Minus1)? / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary position embedding in the "rotate half" layout of transformers' Llama.
+///
+/// `xs` is `[batch, heads, seq, head_dim]`; `cos` and `sin` are `[batch, 1, seq, head_dim]`
+/// (already gathered for each row's positions, so left-padded batches work).
+pub fn apply_rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(cos)? + rotate_half(xs)?.broadcast_mul(sin)?
+}
+
+/// SwiGLU's gate: `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= tol, "max abs diff {diff} > {tol}");
+    }
+
+    #[test]
+    fn rms_norm_matches_candle_fused_forward_and_has_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let ours = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        let fused = candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        assert_close(&ours, &fused, 1e-5);
+        let grads = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient reaches the input");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+
+    #[test]
+    fn rope_matches_candle_fused_forward_and_has_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (1, 2, 5, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap()).unwrap();
+        let cos_half = Tensor::randn(0f32, 1.0, (t, d / 2), &dev).unwrap();
+        let sin_half = Tensor::randn(0f32, 1.0, (t, d / 2), &dev).unwrap();
+        let cos = Tensor::cat(&[&cos_half, &cos_half], 1)
+            .unwrap()
+            .reshape((1, 1, t, d))
+            .unwrap();
+        let sin = Tensor::cat(&[&sin_half, &sin_half], 1)
+            .unwrap()
+            .reshape((1, 1, t, d))
+            .unwrap();
+        let ours = apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+        let fused = candle_nn::rotary_emb::rope(x.as_tensor(), &cos_half, &sin_half).unwrap();
+        assert_close(&ours, &fused, 1e-5);
+        let grads = ours.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_has_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 7), &dev).unwrap()).unwrap();
+        let p = softmax_last_dim(x.as_tensor()).unwrap();
+        let sums = p.sum(1).unwrap();
+        assert_close(&sums, &Tensor::ones(4, DType::F32, &dev).unwrap(), 1e-6);
+        let w = Tensor::randn(0f32, 1.0, (4, 7), &dev).unwrap();
+        let grads = (p * w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}

@@ -1,0 +1,42 @@
+//! Locating reference data and the default model for integration tests. Missing data is a
+//! test failure with instructions, never a silent pass.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Where `make reference` writes the Python stack's outputs.
+pub fn reference_dir() -> PathBuf {
+    let dir = std::env::var_os("QLORA_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reference"));
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "reference data missing in {}: run `make reference` first",
+        dir.display()
+    );
+    dir
+}
+
+/// The default model's GGUF file.
+pub fn default_gguf() -> PathBuf {
+    let p = std::env::var_os("QLORA_DEFAULT_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.is_file(),
+        "default model missing at {}: run `make fetch-model`",
+        p.display()
+    );
+    p
+}
+
+/// Largest absolute difference between two f32 slices of equal length.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

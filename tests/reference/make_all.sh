@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Produce all reference data for the Rust parity tests:
+#   make_all.sh OUT_DIR GGUF_PATH
+# OUT_DIR/<variant>/ + OUT_DIR/manifest.json   tiny random checkpoints (make_tiny_models.py)
+# OUT_DIR/{tokens,chat,greedy,meta,tokenizer}.json   GGUF references (gguf_reference.py)
+# A generator is skipped when its last-written output is newer than the generator and
+# requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
+# re-run costs only the venv check.
+set -euo pipefail
+
+if [ $# -ne 2 ]; then
+    echo "usage: $0 OUT_DIR GGUF_PATH" >&2
+    exit 2
+fi
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="$1"
+gguf="$2"
+venv="${QLORA_REF_VENV:-$HOME/.cache/qlora/ref-venv}"
+py="$venv/bin/python"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ ! -f "$gguf" ]; then
+    echo "make_all: GGUF not found: $gguf" >&2
+    exit 1
+fi
+"$here/setup_venv.sh"
+mkdir -p "$out"
+
+# fresh OUTPUT INPUT...: true when OUTPUT exists and is newer than every INPUT.
+fresh() {
+    local output="$1"; shift
+    [ -f "$output" ] || return 1
+    for input in "$@"; do
+        [ "$output" -nt "$input" ] || return 1
+    done
+}
+
+# run NAME FINAL_OUTPUT CMD...: the final output is deleted first, so an interrupted run is
+# never mistaken for a complete one.
+run() {
+    local name="$1" final="$2"; shift 2
+    local start=$SECONDS
+    rm -f "$final"
+    echo "make_all: running $name" >&2
+    "$@"
+    [ -f "$final" ] || { echo "make_all: $name did not write $final" >&2; exit 1; }
+    echo "make_all: $name took $((SECONDS - start))s" >&2
+}
+
+tiny="$here/make_tiny_models.py"
+if fresh "$out/manifest.json" "$tiny" "$here/requirements.txt"; then
+    echo "make_all: tiny models up to date" >&2
+else
+    run make_tiny_models.py "$out/manifest.json" "$py" "$tiny" "$out"
+fi
+
+ref="$here/gguf_reference.py"
+gguf_abs="$(cd "$(dirname "$gguf")" && pwd)/$(basename "$gguf")"
+source_stamp="$out/.gguf-source"
+if fresh "$out/meta.json" "$ref" "$here/requirements.txt" "$gguf_abs" \
+        && [ "$(cat "$source_stamp" 2>/dev/null)" = "$gguf_abs" ]; then
+    echo "make_all: GGUF references up to date" >&2
+else
+    run gguf_reference.py "$out/meta.json" "$py" "$ref" "$gguf_abs" "$out"
+    echo "$gguf_abs" > "$source_stamp"
+fi
+echo "make_all: reference data in $out" >&2
