@@ -1263,12 +1263,12 @@ mod tests {
             types.push(6);
             scores.push(0.0);
         }
-        for (i, piece) in ["▁", "h", "e", "l", "o", "ll", "▁h", "▁he", "llo", "▁hello"]
+        for (i, piece) in ["▁", "h", "e", "l", "o", "ll", "▁h", "▁he", "llo", "▁hello", "<tool>"]
             .iter()
             .enumerate()
         {
             tokens.push(piece.to_string());
-            types.push(1);
+            types.push(if *piece == "<tool>" { 4 } else { 1 });
             scores.push(-(i as f32));
         }
         let mut m = HashMap::new();
@@ -1339,6 +1339,30 @@ mod tests {
             .render(&[super::super::chat_template::Message::user("hi")], false)
             .unwrap();
         assert_eq!(rendered, "<s>[INST] hi [/INST]");
+    }
+
+    /// The same vocabulary written as a GGUF with gguf-py and loaded by transformers 5.24
+    /// (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) gave these ids and decodings.
+    #[test]
+    fn llama_gguf_matches_transformers() {
+        let tok = Tokenizer::from_gguf(Path::new("tiny.gguf"), &content(llama_gguf_metadata()))
+            .unwrap();
+        let cases: &[(&str, &[u32], &str, &str)] = &[
+            ("hello", &[1, 268], "<s> hello", "hello"),
+            ("hello é", &[1, 268, 259, 198, 172], "<s> hello é", "hello é"),
+            (" hello", &[1, 268], "<s> hello", "hello"),
+            ("hello  hello", &[1, 268, 259, 268], "<s> hello  hello", "hello  hello"),
+            ("<s>hello", &[1, 1, 260, 261, 267], "<s><s>hello", "hello"),
+            ("hello<tool>hello", &[1, 268, 269, 260, 261, 267], "<s> hello<tool>hello", "hello<tool>hello"),
+            ("\nhello", &[1, 259, 13, 260, 261, 267], "<s> \nhello", "\nhello"),
+            ("", &[1], "<s>", ""),
+        ];
+        for &(text, ids, decoded, decoded_skip) in cases {
+            assert_eq!(tok.encode(text, true).unwrap(), ids, "{text:?}");
+            assert_eq!(tok.decode(ids, false).unwrap(), decoded, "{text:?}");
+            assert_eq!(tok.decode(ids, true).unwrap(), decoded_skip, "{text:?}");
+        }
+        assert_eq!(tok.vocab_size(), 270);
     }
 
     #[test]
