@@ -12,19 +12,4 @@ export EVCXR_CONFIG_DIR="${EVCXR_CONFIG_DIR:-$HOME/.cache/qlora/evcxr-config}"
 mkdir -p "$EVCXR_CONFIG_DIR"
 echo ":cache 6000" > "$EVCXR_CONFIG_DIR/init.evcxr"
 
-mkdir -p target/notebooks
-status=0
-for nb in notebooks/*.ipynb; do
-  echo "== $nb"
-  start=$(date +%s)
-  if jupyter nbconvert --to notebook --execute \
-      --ExecutePreprocessor.kernel_name=rust \
-      --ExecutePreprocessor.timeout=1800 \
-      --output-dir target/notebooks "$nb"; then
-    echo "   ok in $(( $(date +%s) - start )) s"
-  else
-    echo "   FAILED: $nb" >&2
-    status=1
-  fi
-done
-exit $status
+"$venv/bin/python" scripts/run_notebooks.py target/notebooks notebooks/*.ipynb

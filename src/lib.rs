@@ -18,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod quant;
 
 pub use error::{Error, Result};
 

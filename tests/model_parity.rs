@@ -79,9 +79,9 @@ fn left_padded_batch_matches_transformers_on_real_tokens() {
         let (b, t, v) = logits.dims3().unwrap();
         let ours = flat(&logits);
         let theirs = flat(&r["padded_logits"]);
-        for row in 0..b {
-            for pos in 0..t {
-                if m[row][pos] == 0 {
+        for (row, row_mask) in m.iter().enumerate().take(b) {
+            for (pos, &real) in row_mask.iter().enumerate().take(t) {
+                if real == 0 {
                     continue;
                 }
                 let at = (row * t + pos) * v;

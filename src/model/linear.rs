@@ -10,6 +10,10 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+/// Above this many input rows, dequantising once and running a GEMM is faster than the
+/// fused block kernel.
+const FUSED_MAX_ROWS: usize = 8;
+
 /// Storage of a linear layer's `[out_features, in_features]` weight.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
@@ -71,7 +75,13 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.clone()),
-            LinearWeight::Ggml(q) => q.dequantize(&q.device())?.to_dtype(self.compute_dtype),
+            LinearWeight::Ggml(q) => {
+                let w = match crate::ops::ggml::dequantize(q)? {
+                    Some(w) => w,
+                    None => q.dequantize(&q.device())?,
+                };
+                w.to_dtype(self.compute_dtype)
+            }
         }
     }
 
@@ -127,13 +137,25 @@ pub fn ggml_dtype_name(dtype: GgmlDType) -> &'static str {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let w = self.dense_weight()?;
         // Flatten leading dims so the product is one 2-D matmul against the transposed weight
         // (candle's CPU gemm reads the transposed layout without a copy).
         let dims = xs.dims().to_vec();
         let in_features = *dims.last().expect("linear input has at least one dim");
         let rows = xs.elem_count() / in_features.max(1);
-        let y = xs.reshape((rows, in_features))?.matmul(&w.t()?)?;
+        let x2 = xs.reshape((rows, in_features))?;
+        let fused = match &self.weight {
+            // Decoding a few rows without gradient: multiply straight from the blocks instead
+            // of writing out the whole f32 weight (same numbers, ~an order of magnitude less
+            // memory traffic).
+            LinearWeight::Ggml(q) if rows <= FUSED_MAX_ROWS && !xs.track_op() => {
+                crate::ops::ggml::matmul_t(&x2, q)?
+            }
+            _ => None,
+        };
+        let y = match fused {
+            Some(y) => y,
+            None => x2.matmul(&self.dense_weight()?.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -91,6 +91,8 @@ pub struct Tokenizer {
     unk_token: Option<String>,
     pad_token: Option<String>,
     add_bos_token: bool,
+    /// Cached: tokenizers computes it by cloning the whole vocabulary.
+    vocab_size: usize,
     chat_template: Option<ChatTemplate>,
     /// Why the model's chat template could not be compiled, reported by
     /// [`Tokenizer::require_chat_template`]; tokenizing still works without it.
@@ -246,8 +248,8 @@ impl Tokenizer {
             let add_eos = extras.add_eos_token.unwrap_or(false) && extras.eos_token.is_some();
             let processor = template_processor(
                 &inner,
-                add_bos.then(|| extras.bos_token.as_deref()).flatten(),
-                add_eos.then(|| extras.eos_token.as_deref()).flatten(),
+                extras.bos_token.as_deref().filter(|_| add_bos),
+                extras.eos_token.as_deref().filter(|_| add_eos),
                 &source,
             )?;
             inner.with_post_processor(Some(processor));
@@ -285,8 +287,10 @@ impl Tokenizer {
             }
         };
 
+        let vocab_size = inner.get_vocab_size(true);
         Ok(Self {
             inner,
+            vocab_size,
             source,
             bos_token: extras.bos_token,
             eos_token: extras.eos_token,
@@ -348,7 +352,7 @@ impl Tokenizer {
 
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The beginning-of-sequence token, if the model has one.
@@ -438,13 +442,13 @@ impl Tokenizer {
         Error::tokenizer(self.source.clone(), message)
     }
 
-    /// tokenizers' decoders index the vocabulary; an id past its end must be an error, not a
-    /// silent gap in the text.
+    /// tokenizers skips ids it does not know when decoding; an unknown id must be an error,
+    /// not a silent gap in the text.
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let size = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
+        if let Some(bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
             return Err(self.err(format!(
-                "token id {bad} is outside the vocabulary (size {size})"
+                "token id {bad} is not in the vocabulary (size {})",
+                self.vocab_size
             )));
         }
         Ok(())
@@ -1162,10 +1166,8 @@ mod tests {
             ("l", "d"),
             ("Ġwor", "ld"),
         ];
-        let mut next = 2 + 256;
-        for (a, b) in merges {
-            vocab.insert(format!("{a}{b}"), json!(next));
-            next += 1;
+        for (i, (a, b)) in merges.iter().enumerate() {
+            vocab.insert(format!("{a}{b}"), json!(2 + 256 + i));
         }
         json!({
             "version": "1.0", "truncation": null, "padding": null,
@@ -1263,9 +1265,11 @@ mod tests {
             types.push(6);
             scores.push(0.0);
         }
-        for (i, piece) in ["▁", "h", "e", "l", "o", "ll", "▁h", "▁he", "llo", "▁hello", "<tool>"]
-            .iter()
-            .enumerate()
+        for (i, piece) in [
+            "▁", "h", "e", "l", "o", "ll", "▁h", "▁he", "llo", "▁hello", "<tool>",
+        ]
+        .iter()
+        .enumerate()
         {
             tokens.push(piece.to_string());
             types.push(if *piece == "<tool>" { 4 } else { 1 });
@@ -1345,16 +1349,36 @@ mod tests {
     /// (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) gave these ids and decodings.
     #[test]
     fn llama_gguf_matches_transformers() {
-        let tok = Tokenizer::from_gguf(Path::new("tiny.gguf"), &content(llama_gguf_metadata()))
-            .unwrap();
+        let tok =
+            Tokenizer::from_gguf(Path::new("tiny.gguf"), &content(llama_gguf_metadata())).unwrap();
         let cases: &[(&str, &[u32], &str, &str)] = &[
             ("hello", &[1, 268], "<s> hello", "hello"),
-            ("hello é", &[1, 268, 259, 198, 172], "<s> hello é", "hello é"),
+            (
+                "hello é",
+                &[1, 268, 259, 198, 172],
+                "<s> hello é",
+                "hello é",
+            ),
             (" hello", &[1, 268], "<s> hello", "hello"),
-            ("hello  hello", &[1, 268, 259, 268], "<s> hello  hello", "hello  hello"),
+            (
+                "hello  hello",
+                &[1, 268, 259, 268],
+                "<s> hello  hello",
+                "hello  hello",
+            ),
             ("<s>hello", &[1, 1, 260, 261, 267], "<s><s>hello", "hello"),
-            ("hello<tool>hello", &[1, 268, 269, 260, 261, 267], "<s> hello<tool>hello", "hello<tool>hello"),
-            ("\nhello", &[1, 259, 13, 260, 261, 267], "<s> \nhello", "\nhello"),
+            (
+                "hello<tool>hello",
+                &[1, 268, 269, 260, 261, 267],
+                "<s> hello<tool>hello",
+                "hello<tool>hello",
+            ),
+            (
+                "\nhello",
+                &[1, 259, 13, 260, 261, 267],
+                "<s> \nhello",
+                "\nhello",
+            ),
             ("", &[1], "<s>", ""),
         ];
         for &(text, ids, decoded, decoded_skip) in cases {

@@ -408,7 +408,7 @@ mod tests {
         candle_core::safetensors::save(&HashMap::from([("w", t)]), &st).unwrap();
         let bytes = std::fs::read(&st).unwrap();
         std::fs::write(&st, &bytes[..bytes.len() - 10]).unwrap();
-        let err = SafetensorsWeights::open(&[st.clone()], &Device::Cpu)
+        let err = SafetensorsWeights::open(std::slice::from_ref(&st), &Device::Cpu)
             .err()
             .unwrap()
             .to_string();

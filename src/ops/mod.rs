@@ -5,6 +5,8 @@
 //! primitives that candle can differentiate, so LoRA adapters upstream of them receive gradient.
 //! A later step replaces them with custom ops that carry a hand-written backward for speed.
 
+pub mod ggml;
+
 use candle_core::{DType, Result, Tensor, D};
 
 /// RMSNorm as transformers computes it: in f32, then cast back, then scaled by `weight`.

@@ -3,6 +3,7 @@
 #   make_all.sh OUT_DIR GGUF_PATH
 # OUT_DIR/<variant>/ + OUT_DIR/manifest.json   tiny random checkpoints (make_tiny_models.py)
 # OUT_DIR/{tokens,chat,greedy,meta,tokenizer}.json   GGUF references (gguf_reference.py)
+# OUT_DIR/nf4/   bitsandbytes 4-bit and int8 references (nf4_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -63,5 +64,11 @@ if fresh "$out/meta.json" "$ref" "$here/requirements.txt" "$gguf_abs" \
 else
     run gguf_reference.py "$out/meta.json" "$py" "$ref" "$gguf_abs" "$out"
     echo "$gguf_abs" > "$source_stamp"
+fi
+nf4="$here/nf4_reference.py"
+if fresh "$out/nf4/index.json" "$nf4" "$here/requirements.txt"; then
+    echo "make_all: bitsandbytes references up to date" >&2
+else
+    run nf4_reference.py "$out/nf4/index.json" "$py" "$nf4" "$out/nf4"
 fi
 echo "make_all: reference data in $out" >&2
