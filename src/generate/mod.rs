@@ -239,24 +239,37 @@ impl Model {
 
     /// Generates for several prompts at once (left padding plus an attention mask), which is
     /// faster than one at a time. Outputs are in the prompts' order.
-    pub fn generate_batch(
+    pub fn generate_batch<S: AsRef<str>>(
         &self,
-        prompts: &[&str],
+        prompts: &[S],
         config: &GenerationConfig,
     ) -> Result<Vec<GenerationOutput>> {
         self.generate_batch_with(prompts, config, |_, _| {})
     }
 
-    /// Batched generation from token ids; `on_text(row, piece)` streams each row's text.
-    pub fn generate_batch_with(
+    /// Renders each conversation with the chat template and generates for all of them at once.
+    pub fn generate_chat_batch(
         &self,
-        prompts: &[&str],
+        conversations: &[Vec<Message>],
+        config: &GenerationConfig,
+    ) -> Result<Vec<GenerationOutput>> {
+        let prompts = conversations
+            .iter()
+            .map(|c| self.apply_chat_template(c, true))
+            .collect::<Result<Vec<_>>>()?;
+        self.generate_batch(&prompts, config)
+    }
+
+    /// Batched generation from token ids; `on_text(row, piece)` streams each row's text.
+    pub fn generate_batch_with<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
         config: &GenerationConfig,
         on_text: impl FnMut(usize, &str),
     ) -> Result<Vec<GenerationOutput>> {
         let ids = prompts
             .iter()
-            .map(|p| self.tokenizer.encode(p, true))
+            .map(|p| self.tokenizer.encode(p.as_ref(), true))
             .collect::<Result<Vec<_>>>()?;
         self.generate_ids(ids, config, on_text)
     }

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use crate::quant::Quantized4bit;
 
 /// Above this many input rows, dequantising once and running a GEMM is faster than the
 /// fused block kernel.
@@ -21,6 +23,9 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// GGML blocks (Q4_0, Q4_1, Q8_0, K-quants, F16, ...), dequantised per call.
     Ggml(Arc<QTensor>),
+    /// bitsandbytes-style 4-bit blocks (NF4 / FP4, optionally double-quantised), dequantised
+    /// per call.
+    Quant4(Arc<Quantized4bit>),
 }
 
 /// `y = x Wᵀ + b`, with `W` dense or quantised.
@@ -30,26 +35,51 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The dtype products are computed in (inputs are expected in it).
     compute_dtype: DType,
+    device: Device,
 }
 
 impl Linear {
     /// A linear layer over a dense `[out, in]` weight.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
         let compute_dtype = weight.dtype();
+        let device = weight.device().clone();
         Self {
             weight: LinearWeight::Dense(weight),
             bias,
             compute_dtype,
+            device,
         }
     }
 
     /// A linear layer over GGML-quantised data; products run in `compute_dtype`.
     pub fn ggml(weight: Arc<QTensor>, bias: Option<Tensor>, compute_dtype: DType) -> Self {
+        let device = weight.device();
         Self {
             weight: LinearWeight::Ggml(weight),
             bias,
             compute_dtype,
+            device,
         }
+    }
+
+    /// A linear layer over 4-bit (NF4/FP4) data, computing in `compute_dtype` on `device`.
+    pub fn quant4(
+        weight: Arc<Quantized4bit>,
+        bias: Option<Tensor>,
+        compute_dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            weight: LinearWeight::Quant4(weight),
+            bias,
+            compute_dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The dtype products are computed in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The stored weight.
@@ -67,6 +97,7 @@ impl Linear {
         let dims = match &self.weight {
             LinearWeight::Dense(w) => w.dims().to_vec(),
             LinearWeight::Ggml(q) => q.shape().dims().to_vec(),
+            LinearWeight::Quant4(q) => q.shape().to_vec(),
         };
         (dims[0], dims[1])
     }
@@ -82,7 +113,16 @@ impl Linear {
                 };
                 w.to_dtype(self.compute_dtype)
             }
+            LinearWeight::Quant4(q) => q
+                .dequantize(&self.device)
+                .map_err(candle_core::Error::wrap)?
+                .to_dtype(self.compute_dtype),
         }
+    }
+
+    /// The device the layer computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Number of parameters (weight and bias).
@@ -96,6 +136,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             LinearWeight::Ggml(q) => q.storage_size_in_bytes(),
+            LinearWeight::Quant4(q) => q.storage_bytes(),
         };
         w + self
             .bias
@@ -108,6 +149,15 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => w.dtype().as_str().to_string(),
             LinearWeight::Ggml(q) => ggml_dtype_name(q.dtype()).to_string(),
+            LinearWeight::Quant4(q) => {
+                let s = q.state();
+                let dq = if matches!(s.absmax, crate::quant::Absmax::Nested(_)) {
+                    "+dq"
+                } else {
+                    ""
+                };
+                format!("{}{dq}", s.quant_type.name())
+            }
         }
     }
 }
