@@ -16,6 +16,7 @@
 pub mod display;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;

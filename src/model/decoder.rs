@@ -179,6 +179,31 @@ impl DecoderLayer {
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
 
+    /// Mutable access to every linear layer of the block, named as in [`Self::linears`].
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            ..
+        } = &mut self.self_attn;
+        let Mlp {
+            gate_proj,
+            up_proj,
+            down_proj,
+        } = &mut self.mlp;
+        [
+            ("self_attn.q_proj", q_proj),
+            ("self_attn.k_proj", k_proj),
+            ("self_attn.v_proj", v_proj),
+            ("self_attn.o_proj", o_proj),
+            ("mlp.gate_proj", gate_proj),
+            ("mlp.up_proj", up_proj),
+            ("mlp.down_proj", down_proj),
+        ]
+    }
+
     /// Every linear layer of the block with its transformers name relative to the block.
     pub fn linears(&self) -> [(&'static str, &Linear); 7] {
         [

@@ -28,7 +28,17 @@ pub enum LinearWeight {
     Quant4(Arc<Quantized4bit>),
 }
 
-/// `y = x Wᵀ + b`, with `W` dense or quantised.
+/// A trainable term added to a linear layer's output (a LoRA adapter, for instance).
+///
+/// The model core only knows this trait; `crate::lora` implements it, so adapters attach to any
+/// projection without the decoder changing.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// The term added to the base output for input rows `x` (`[rows, in_features]`, in the
+    /// layer's compute dtype), or `None` when the adapter is currently disabled.
+    fn delta(&self, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// `y = x Wᵀ + b (+ adapter(x))`, with `W` dense or quantised.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
@@ -36,6 +46,7 @@ pub struct Linear {
     /// The dtype products are computed in (inputs are expected in it).
     compute_dtype: DType,
     device: Device,
+    adapter: Option<Arc<dyn LinearAdapter>>,
 }
 
 impl Linear {
@@ -48,6 +59,7 @@ impl Linear {
             bias,
             compute_dtype,
             device,
+            adapter: None,
         }
     }
 
@@ -59,6 +71,7 @@ impl Linear {
             bias,
             compute_dtype,
             device,
+            adapter: None,
         }
     }
 
@@ -74,12 +87,31 @@ impl Linear {
             bias,
             compute_dtype,
             device: device.clone(),
+            adapter: None,
         }
     }
 
     /// The dtype products are computed in.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+
+    /// Attaches (or, with `None`, removes) an adapter.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Replaces the stored weight (same shape), e.g. with adapters merged into it.
+    pub fn set_weight(&mut self, weight: LinearWeight) {
+        if let LinearWeight::Dense(w) = &weight {
+            self.compute_dtype = w.dtype();
+        }
+        self.weight = weight;
     }
 
     /// The stored weight.
@@ -208,6 +240,16 @@ impl Module for Linear {
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match self
+            .adapter
+            .as_ref()
+            .map(|a| a.delta(&x2))
+            .transpose()?
+            .flatten()
+        {
+            Some(delta) => (y + delta)?,
             None => y,
         };
         let mut out_dims = dims;

@@ -4,6 +4,8 @@
 # OUT_DIR/<variant>/ + OUT_DIR/manifest.json   tiny random checkpoints (make_tiny_models.py)
 # OUT_DIR/{tokens,chat,greedy,meta,tokenizer}.json   GGUF references (gguf_reference.py)
 # OUT_DIR/nf4/   bitsandbytes 4-bit and int8 references (nf4_reference.py)
+# OUT_DIR/peft/  PEFT LoRA adapters, logits and counts over the tiny models (peft_reference.py)
+# OUT_DIR/bnb/   transformers + bitsandbytes 4-bit checkpoints of the tiny models (bnb_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -70,5 +72,18 @@ if fresh "$out/nf4/index.json" "$nf4" "$here/requirements.txt"; then
     echo "make_all: bitsandbytes references up to date" >&2
 else
     run nf4_reference.py "$out/nf4/index.json" "$py" "$nf4" "$out/nf4"
+fi
+bnbref="$here/bnb_reference.py"
+# Made from the tiny checkpoints, so it is stale whenever they are remade.
+if fresh "$out/bnb/index.json" "$bnbref" "$tiny" "$here/requirements.txt" "$out/manifest.json"; then
+    echo "make_all: bitsandbytes 4-bit checkpoints up to date" >&2
+else
+    run bnb_reference.py "$out/bnb/index.json" "$py" "$bnbref" "$out/bnb" "$out"
+fi
+peft_ref="$here/peft_reference.py"
+if fresh "$out/peft/index.json" "$peft_ref" "$here/requirements.txt" "$out/manifest.json"; then
+    echo "make_all: PEFT references up to date" >&2
+else
+    run peft_reference.py "$out/peft/index.json" "$py" "$peft_ref" "$out/peft" "$out"
 fi
 echo "make_all: reference data in $out" >&2

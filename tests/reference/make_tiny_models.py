@@ -5,7 +5,10 @@ Usage: make_tiny_models.py OUT_DIR
 
 Each variant lands in OUT_DIR/<name>/ exactly as `save_pretrained` writes it
 (config.json, generation_config.json, safetensors), plus reference.safetensors
-with the tensors the Rust side must reproduce. The references are computed
+with the tensors the Rust side must reproduce, and a byte-level tokenizer
+(tokenizer.json + tokenizer_config.json: 256 tokens, one per byte, no merges)
+so that the folder is a complete model that `Model::load(dir)` and
+`AutoTokenizer` accept. The references are computed
 from a model *re-loaded from disk*, so they also prove that the files on disk
 (legacy config layout, shards, bf16 weights) mean what we claim they mean.
 
@@ -25,8 +28,10 @@ import safetensors
 import torch
 import transformers
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -156,6 +161,57 @@ VARIANTS = {
 }
 
 
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+BYTE_SYMBOLS = bytes_to_unicode()
+
+
+def write_tokenizer(path: Path):
+    """A byte-level BPE whose vocabulary is exactly the 256 ByteLevel symbols (id = byte value)
+    with no merges, so every byte string round-trips and ids 0/1/2 (pad/bos/eos) are the
+    symbols of bytes 0x00/0x01/0x02. No post-processor: nothing is added on encode."""
+    vocab = {BYTE_SYMBOLS[b]: b for b in range(VOCAB)}
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet()), "not the ByteLevel alphabet"
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BYTE_SYMBOLS[BOS_ID],
+        "eos_token": BYTE_SYMBOLS[EOS_ID],
+        "pad_token": BYTE_SYMBOLS[PAD_ID],
+        # transformers 5 picks the tokenizer class from config.json's model_type (Qwen2Tokenizer
+        # for qwen2), and Qwen2Tokenizer would add an unk token <|endoftext|> as id 256.
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": COMMON["max_position_embeddings"],
+    }
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    # transformers must accept it and agree on the special ids and the byte mapping.
+    hf = AutoTokenizer.from_pretrained(path)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID), hf
+    assert len(hf) == VOCAB, len(hf)
+    text = "Hello, wörld! 123"
+    ids = hf(text).input_ids
+    assert ids == list(text.encode("utf-8")), ids
+    assert hf.decode(ids) == text
+
+
 def top2_gap(logits_row):
     top = torch.topk(logits_row.float(), 2).values
     return (top[0] - top[1]).item()
@@ -228,6 +284,8 @@ def main():
         },
         "seed": SEED,
         "pad_token_id": PAD_ID,
+        "tokenizer": "tokenizer.json + tokenizer_config.json in every variant: byte-level BPE, "
+                     "id = byte value (ByteLevel symbols), no merges, pad/bos/eos = ids 0/1/2",
         "reference_tensors": {
             "input_ids": "int64 [2,7]",
             "logits": "float32 [2,7,vocab], model(input_ids), f32 eval",
@@ -252,6 +310,7 @@ def main():
         model.save_pretrained(path, **save_kwargs)
         if post_save:
             post_save(path)
+        write_tokenizer(path)
 
         ref = reference_tensors(path)
         save_file(ref, str(path / "reference.safetensors"), metadata={"format": "pt"})

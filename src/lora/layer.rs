@@ -1,0 +1,351 @@
+//! The LoRA layer math: `delta(x) = B (A (dropout(x))) · scaling`, summed over the active
+//! adapters, attached to a base [`Linear`](crate::model::Linear) through
+//! [`LinearAdapter`](crate::model::linear::LinearAdapter).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, RwLock};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::config::{InitLoraWeights, LoraConfig};
+use crate::model::linear::LinearAdapter;
+
+/// One adapter's matrices on one linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    /// `[r, in_features]`.
+    pub a: Var,
+    /// `[out_features, r]`.
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+/// A small, fast, seedable generator (SplitMix64) so dropout masks and initialisations are
+/// reproducible from a seed on every platform.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Standard normal (Box-Muller).
+    pub fn next_normal(&mut self) -> f32 {
+        let u1 = (self.next_f32() as f64).max(1e-12);
+        let u2 = self.next_f32() as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    adapters: BTreeMap<String, LoraWeights>,
+    active: Vec<String>,
+    enabled: bool,
+    training: bool,
+}
+
+/// The adapters living on one linear layer (possibly several, by name; some active).
+#[derive(Debug)]
+pub struct LoraLayer {
+    in_features: usize,
+    out_features: usize,
+    device: Device,
+    state: RwLock<State>,
+    rng: Mutex<SplitMix64>,
+}
+
+impl LoraLayer {
+    /// An empty layer for a `[out, in]` base; `seed` drives its dropout masks.
+    pub fn new(in_features: usize, out_features: usize, device: &Device, seed: u64) -> Self {
+        Self {
+            in_features,
+            out_features,
+            device: device.clone(),
+            state: RwLock::new(State {
+                adapters: BTreeMap::new(),
+                active: vec![],
+                enabled: true,
+                training: false,
+            }),
+            rng: Mutex::new(SplitMix64::new(seed)),
+        }
+    }
+
+    /// `(in_features, out_features)` of the base layer.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.in_features, self.out_features)
+    }
+
+    /// Adds adapter `name` initialised as `config` says (A from `init_rng`, B zeros unless
+    /// `init_lora_weights` is false). It becomes active.
+    pub fn add(&self, name: &str, config: &LoraConfig, init_rng: &mut SplitMix64) -> Result<()> {
+        let (r, inp, out) = (config.r, self.in_features, self.out_features);
+        let a: Vec<f32> = match &config.init_lora_weights {
+            InitLoraWeights::Name(_) => {
+                // PEFT: normal_(std=1/r).
+                let std = 1.0 / r as f32;
+                (0..r * inp).map(|_| init_rng.next_normal() * std).collect()
+            }
+            _ => {
+                // kaiming_uniform_(a=√5) on [r, in] is U(-1/√in, 1/√in).
+                let bound = 1.0 / (inp as f32).sqrt();
+                (0..r * inp)
+                    .map(|_| (2.0 * init_rng.next_f32() - 1.0) * bound)
+                    .collect()
+            }
+        };
+        let b: Vec<f32> = match config.init_lora_weights {
+            InitLoraWeights::Bool(false) => {
+                let bound = 1.0 / (r as f32).sqrt();
+                (0..out * r)
+                    .map(|_| (2.0 * init_rng.next_f32() - 1.0) * bound)
+                    .collect()
+            }
+            _ => vec![0.0; out * r],
+        };
+        let weights = LoraWeights {
+            a: Var::from_tensor(&Tensor::from_vec(a, (r, inp), &self.device)?)?,
+            b: Var::from_tensor(&Tensor::from_vec(b, (out, r), &self.device)?)?,
+            scaling: config.scaling(),
+            dropout: config.lora_dropout,
+        };
+        self.insert(name, weights)
+    }
+
+    /// Adds adapter `name` with given matrices (checked against the base shape).
+    pub fn insert(&self, name: &str, weights: LoraWeights) -> Result<()> {
+        let (ad, bd) = (weights.a.dims().to_vec(), weights.b.dims().to_vec());
+        if ad.len() != 2
+            || bd.len() != 2
+            || ad[1] != self.in_features
+            || bd[0] != self.out_features
+            || ad[0] != bd[1]
+        {
+            candle_core::bail!(
+                "adapter `{name}`: lora_A {ad:?} / lora_B {bd:?} do not fit a [{}, {}] layer \
+                 (expected A [r, {}] and B [{}, r])",
+                self.out_features,
+                self.in_features,
+                self.in_features,
+                self.out_features
+            );
+        }
+        let mut s = self.state.write().unwrap();
+        s.adapters.insert(name.to_string(), weights);
+        if !s.active.iter().any(|a| a == name) {
+            s.active.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// The matrices of adapter `name`.
+    pub fn weights(&self, name: &str) -> Option<LoraWeights> {
+        self.state.read().unwrap().adapters.get(name).cloned()
+    }
+
+    /// Names of the adapters on this layer.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.state
+            .read()
+            .unwrap()
+            .adapters
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Removes adapter `name`.
+    pub fn remove(&self, name: &str) {
+        let mut s = self.state.write().unwrap();
+        s.adapters.remove(name);
+        s.active.retain(|a| a != name);
+    }
+
+    /// Makes exactly these adapters active (those present on this layer).
+    pub fn set_active(&self, names: &[String]) {
+        let mut s = self.state.write().unwrap();
+        let present: Vec<String> = names
+            .iter()
+            .filter(|n| s.adapters.contains_key(*n))
+            .cloned()
+            .collect();
+        s.active = present;
+    }
+
+    /// Turns all adapters on or off (off: the base layer alone).
+    pub fn set_enabled(&self, on: bool) {
+        self.state.write().unwrap().enabled = on;
+    }
+
+    /// Training mode applies dropout; evaluation mode doesn't.
+    pub fn set_training(&self, on: bool) {
+        self.state.write().unwrap().training = on;
+    }
+
+    /// `B A · scaling` summed over the active adapters, `[out, in]` in f32: what merging adds.
+    pub fn merged_delta(&self) -> Result<Option<Tensor>> {
+        let s = self.state.read().unwrap();
+        let mut total: Option<Tensor> = None;
+        for name in &s.active {
+            let w = &s.adapters[name];
+            let d = (w.b.as_tensor().matmul(w.a.as_tensor())? * w.scaling)?;
+            total = Some(match total {
+                Some(t) => (t + d)?,
+                None => d,
+            });
+        }
+        Ok(total)
+    }
+
+    fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let n = x.elem_count();
+        let keep = 1.0 - p as f32;
+        let scale = 1.0 / keep;
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap();
+            (0..n)
+                .map(|_| if rng.next_f32() < keep { scale } else { 0.0 })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+impl LinearAdapter for LoraLayer {
+    fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let s = self.state.read().unwrap();
+        if !s.enabled || s.active.is_empty() {
+            return Ok(None);
+        }
+        let in_dtype = x.dtype();
+        // Adapters train in f32 whatever the base computes in, as PEFT keeps them.
+        let x32 = x.to_dtype(DType::F32)?;
+        let mut total: Option<Tensor> = None;
+        for name in &s.active {
+            let w = &s.adapters[name];
+            let xin = if s.training && w.dropout > 0.0 {
+                self.dropout(&x32, w.dropout)?
+            } else {
+                x32.clone()
+            };
+            let h = xin.matmul(&w.a.as_tensor().t()?)?;
+            let d = (h.matmul(&w.b.as_tensor().t()?)? * w.scaling)?;
+            total = Some(match total {
+                Some(t) => (t + d)?,
+                None => d,
+            });
+        }
+        total.map(|t| t.to_dtype(in_dtype)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_adapter_is_a_no_op_and_b_gets_gradient() {
+        let dev = Device::Cpu;
+        let layer = LoraLayer::new(16, 8, &dev, 0);
+        layer
+            .add(
+                "default",
+                &LoraConfig::qlora().r(4),
+                &mut SplitMix64::new(1),
+            )
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap();
+        let d = layer.delta(&x).unwrap().unwrap();
+        assert_eq!(d.dims(), &[3, 8]);
+        assert_eq!(
+            d.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let w = layer.weights("default").unwrap();
+        let a =
+            w.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+        assert!(a.iter().all(|v| v.abs() <= 0.25) && a.iter().any(|v| v.abs() > 0.1));
+        let grads = d.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(w.b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn dropout_only_in_training_and_reproducible() {
+        let dev = Device::Cpu;
+        let mk = || {
+            let l = LoraLayer::new(32, 4, &dev, 7);
+            let cfg = LoraConfig {
+                init_lora_weights: InitLoraWeights::Bool(false),
+                ..LoraConfig::qlora().r(2).lora_dropout(0.5)
+            };
+            l.add("x", &cfg, &mut SplitMix64::new(3)).unwrap();
+            l
+        };
+        let (l1, l2) = (mk(), mk());
+        let x = Tensor::ones((2, 32), DType::F32, &dev).unwrap();
+        let eval1 = l1.delta(&x).unwrap().unwrap();
+        let eval2 = l1.delta(&x).unwrap().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(diff(&eval1, &eval2), 0.0);
+        l1.set_training(true);
+        l2.set_training(true);
+        let t1 = l1.delta(&x).unwrap().unwrap();
+        let t2 = l2.delta(&x).unwrap().unwrap();
+        assert_eq!(diff(&t1, &t2), 0.0, "same seed, same mask");
+        assert!(
+            diff(&t1, &eval1) > 0.0,
+            "dropout changes the training output"
+        );
+        l1.set_enabled(false);
+        assert!(l1.delta(&x).unwrap().is_none());
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let dev = Device::Cpu;
+        let layer = LoraLayer::new(16, 8, &dev, 0);
+        let w = LoraWeights {
+            a: Var::zeros((4, 15), DType::F32, &dev).unwrap(),
+            b: Var::zeros((8, 4), DType::F32, &dev).unwrap(),
+            scaling: 1.0,
+            dropout: 0.0,
+        };
+        assert!(layer
+            .insert("bad", w)
+            .unwrap_err()
+            .to_string()
+            .contains("lora_A"));
+    }
+}

@@ -1,0 +1,519 @@
+//! Model surgery: attaching LoRA layers to a [`Model`]'s linear layers, counting and exposing
+//! trainable parameters, saving and loading PEFT-format adapters, and merging.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::config::LoraConfig;
+use super::layer::{LoraLayer, LoraWeights, SplitMix64};
+use crate::model::linear::{LinearAdapter, LinearWeight};
+use crate::model::Model;
+use crate::{Error, Result};
+
+/// PEFT's name for the first adapter.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// The file names PEFT uses.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// A base model with LoRA adapters attached — PEFT's `PeftModel`.
+///
+/// Only the adapters' A and B matrices are trainable; the base stays frozen (and quantised,
+/// when it was).
+#[derive(Debug)]
+pub struct PeftModel {
+    model: Model,
+    /// Module path (`model.layers.3.self_attn.q_proj`) → its LoRA layer.
+    layers: BTreeMap<String, Arc<LoraLayer>>,
+    configs: BTreeMap<String, LoraConfig>,
+    active: String,
+    seed: u64,
+}
+
+/// `module path → (layer index)` for every adaptable linear layer of the decoder.
+fn module_paths(model: &Model) -> Vec<(String, usize)> {
+    model
+        .decoder
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| {
+            l.linears()
+                .into_iter()
+                .map(move |(name, _)| (format!("model.layers.{i}.{name}"), i))
+        })
+        .collect()
+}
+
+/// Wraps `model` with a fresh adapter named `default` — PEFT's `get_peft_model`.
+///
+/// ```no_run
+/// use qlora::lora::{get_peft_model, LoraConfig};
+/// use qlora::model::Model;
+/// let peft = get_peft_model(Model::load("default")?, &LoraConfig::qlora())?;
+/// peft.print_trainable_parameters(); // trainable params: 921,600 || all params: ...
+/// # Ok::<(), qlora::Error>(())
+/// ```
+pub fn get_peft_model(model: Model, config: &LoraConfig) -> Result<PeftModel> {
+    let mut peft = PeftModel::wrap(model, 0);
+    peft.add_adapter(DEFAULT_ADAPTER, config)?;
+    Ok(peft)
+}
+
+impl PeftModel {
+    fn wrap(model: Model, seed: u64) -> Self {
+        Self {
+            model,
+            layers: BTreeMap::new(),
+            configs: BTreeMap::new(),
+            active: DEFAULT_ADAPTER.to_string(),
+            seed,
+        }
+    }
+
+    /// Like [`get_peft_model`], with `seed` driving A's initialisation and dropout masks.
+    pub fn new_seeded(model: Model, config: &LoraConfig, seed: u64) -> Result<Self> {
+        let mut peft = Self::wrap(model, seed);
+        peft.add_adapter(DEFAULT_ADAPTER, config)?;
+        Ok(peft)
+    }
+
+    /// The base model with adapters attached (its forward includes them).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The configuration of adapter `name`.
+    pub fn config(&self, name: &str) -> Option<&LoraConfig> {
+        self.configs.get(name)
+    }
+
+    /// Names of all adapters.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.configs.keys().cloned().collect()
+    }
+
+    /// The adapter that trains and runs.
+    pub fn active_adapter(&self) -> &str {
+        &self.active
+    }
+
+    /// Module paths that carry adapters.
+    pub fn adapted_modules(&self) -> impl Iterator<Item = &str> {
+        self.layers.keys().map(String::as_str)
+    }
+
+    /// The LoRA layer attached to a module path, if any.
+    pub fn lora_layer(&self, path: &str) -> Option<&Arc<LoraLayer>> {
+        self.layers.get(path)
+    }
+
+    fn layer_for(&mut self, path: &str) -> Result<Arc<LoraLayer>> {
+        if let Some(l) = self.layers.get(path) {
+            return Ok(l.clone());
+        }
+        let (idx, name) = parse_path(path).ok_or_else(|| {
+            Error::InvalidArgument(format!("`{path}` is not a decoder linear layer"))
+        })?;
+        let device = self.model.device().clone();
+        let seed = self.seed ^ (self.layers.len() as u64 + 1).wrapping_mul(0x9E37_79B9);
+        let block = self.model.decoder.layers.get_mut(idx).ok_or_else(|| {
+            Error::InvalidArgument(format!("`{path}`: the model has no layer {idx}"))
+        })?;
+        let (_, lin) = block
+            .linears_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("`{path}`: no such linear layer")))?;
+        let (out_f, in_f) = lin.shape();
+        let layer = Arc::new(LoraLayer::new(in_f, out_f, &device, seed));
+        lin.set_adapter(Some(layer.clone() as Arc<dyn LinearAdapter>));
+        self.layers.insert(path.to_string(), layer.clone());
+        Ok(layer)
+    }
+
+    /// Adds a new adapter and makes it the active one.
+    pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<()> {
+        config.validate()?;
+        if self.configs.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "adapter `{name}` already exists"
+            )));
+        }
+        let targets: Vec<String> = module_paths(&self.model)
+            .into_iter()
+            .filter(|(p, i)| config.targets(p, *i))
+            .map(|(p, _)| p)
+            .collect();
+        if targets.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "target_modules {:?} match no linear layer of the model (its layers are named \
+                 like model.layers.0.self_attn.q_proj, ...mlp.down_proj)",
+                config.target_modules
+            )));
+        }
+        let mut rng = SplitMix64::new(self.seed.wrapping_add(self.configs.len() as u64 * 7919));
+        for path in &targets {
+            self.layer_for(path)?.add(name, config, &mut rng)?;
+        }
+        let mut cfg = config.clone();
+        cfg.base_model_name_or_path
+            .get_or_insert_with(|| self.model.name.clone());
+        self.configs.insert(name.to_string(), cfg);
+        self.set_adapter(name)
+    }
+
+    /// Makes `name` the only active adapter.
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        if !self.configs.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "no adapter named `{name}` (have: {:?})",
+                self.adapter_names()
+            )));
+        }
+        for l in self.layers.values() {
+            l.set_active(&[name.to_string()]);
+        }
+        self.active = name.to_string();
+        Ok(())
+    }
+
+    /// Removes adapter `name`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.configs.remove(name).is_none() {
+            return Err(Error::InvalidArgument(format!("no adapter named `{name}`")));
+        }
+        for l in self.layers.values() {
+            l.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Runs the base model alone until [`PeftModel::enable_adapters`].
+    pub fn disable_adapters(&self) {
+        self.layers.values().for_each(|l| l.set_enabled(false));
+    }
+
+    /// Undoes [`PeftModel::disable_adapters`].
+    pub fn enable_adapters(&self) {
+        self.layers.values().for_each(|l| l.set_enabled(true));
+    }
+
+    /// Training mode: adapter dropout on.
+    pub fn train(&self) {
+        self.layers.values().for_each(|l| l.set_training(true));
+    }
+
+    /// Evaluation mode: adapter dropout off.
+    pub fn eval(&self) {
+        self.layers.values().for_each(|l| l.set_training(false));
+    }
+
+    /// Logits for every position (see [`crate::model::Decoder::forward`]).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.model.decoder.forward(input_ids, attention_mask, None)
+    }
+
+    /// The active adapter's trainable matrices with PEFT's in-memory names
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`), in layer order.
+    pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (path, _) in module_paths(&self.model) {
+            if let Some(w) = self.layers.get(&path).and_then(|l| l.weights(&self.active)) {
+                let p = format!("base_model.model.{path}");
+                out.push((format!("{p}.lora_A.{}.weight", self.active), w.a));
+                out.push((format!("{p}.lora_B.{}.weight", self.active), w.b));
+            }
+        }
+        out
+    }
+
+    /// `(trainable, all)` parameter counts as PEFT counts them (4-bit weights count as their
+    /// unpacked number; every adapter counts toward "all").
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let trainable: usize = self
+            .trainable_parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let adapters: usize = self
+            .layers
+            .values()
+            .flat_map(|l| {
+                l.adapter_names()
+                    .into_iter()
+                    .filter_map(|n| l.weights(&n))
+                    .map(|w| w.a.elem_count() + w.b.elem_count())
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        (trainable, self.model.decoder.num_parameters() + adapters)
+    }
+
+    /// PEFT's `print_trainable_parameters()` line.
+    pub fn trainable_parameters_line(&self) -> String {
+        let (t, all) = self.parameter_counts();
+        format!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            crate::display::thousands(t),
+            crate::display::thousands(all),
+            100.0 * t as f64 / all.max(1) as f64
+        )
+    }
+
+    /// Prints [`PeftModel::trainable_parameters_line`].
+    pub fn print_trainable_parameters(&self) {
+        println!("{}", self.trainable_parameters_line());
+    }
+
+    /// Saves every adapter in PEFT's format: `default` into `dir`, others into `dir/<name>/`
+    /// (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        for name in self.configs.keys() {
+            let target = if name == DEFAULT_ADAPTER {
+                dir.as_ref().to_path_buf()
+            } else {
+                dir.as_ref().join(name)
+            };
+            self.save_adapter(name, &target)?;
+        }
+        Ok(())
+    }
+
+    /// Saves one adapter into `dir`.
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        let config = self
+            .configs
+            .get(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no adapter named `{name}`")))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (path, layer) in &self.layers {
+            if let Some(w) = layer.weights(name) {
+                for (kind, var) in [("lora_A", &w.a), ("lora_B", &w.b)] {
+                    let t = var.as_tensor().to_dtype(DType::F32)?;
+                    let bytes: Vec<u8> = t
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect();
+                    tensors.push((
+                        format!("base_model.model.{path}.{kind}.weight"),
+                        t.dims().to_vec(),
+                        bytes,
+                    ));
+                }
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_atomically(&weights_path, |tmp| {
+            safetensors::tensor::serialize_to_file(views, Some(metadata), tmp)
+                .map_err(|e| Error::weights(tmp, e.to_string()))
+        })?;
+        let mut saved = config.clone();
+        saved.inference_mode = true;
+        let json = saved.to_json_string()?;
+        write_atomically(&dir.join(ADAPTER_CONFIG_FILE), |tmp| {
+            std::fs::write(tmp, json.as_bytes()).map_err(|e| Error::io(tmp, e))
+        })
+    }
+
+    /// Loads a PEFT adapter folder onto `model` as adapter `default` — PEFT's
+    /// `PeftModel.from_pretrained(model, dir)`.
+    pub fn from_pretrained(model: Model, dir: impl AsRef<Path>) -> Result<Self> {
+        let mut peft = Self::wrap(model, 0);
+        peft.load_adapter(dir, DEFAULT_ADAPTER)?;
+        Ok(peft)
+    }
+
+    /// Loads another adapter folder under `name` and makes it active.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        let dir = dir.as_ref();
+        if self.configs.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "adapter `{name}` already exists"
+            )));
+        }
+        let config = LoraConfig::from_file(&dir.join(ADAPTER_CONFIG_FILE))?;
+        let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(Error::weights(
+                &weights_path,
+                "missing (an adapter folder needs adapter_model.safetensors)",
+            ));
+        }
+        let tensors =
+            candle_core::safetensors::load(&weights_path, self.model.device()).map_err(|e| {
+                Error::weights(
+                    &weights_path,
+                    format!(
+                        "not a readable safetensors file ({}); re-save the adapter",
+                        crate::model::weights::root_cause(&e)
+                    ),
+                )
+            })?;
+        // Group A and B by module path, rejecting anything we can't place.
+        let known: BTreeMap<String, usize> = module_paths(&self.model).into_iter().collect();
+        let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        for (key, t) in tensors {
+            let (path, kind) = parse_adapter_key(&key).ok_or_else(|| {
+                Error::weights(
+                    &weights_path,
+                    format!("tensor `{key}` is not a LoRA A/B weight of a decoder linear layer"),
+                )
+            })?;
+            if !known.contains_key(&path) {
+                return Err(Error::weights(
+                    &weights_path,
+                    format!("tensor `{key}` belongs to module `{path}`, which the base model `{}` does not have (adapter made for another architecture?)", self.model.name),
+                ));
+            }
+            let entry = pairs.entry(path).or_default();
+            let t = t.to_dtype(DType::F32)?;
+            if kind == 'A' {
+                entry.0 = Some(t);
+            } else {
+                entry.1 = Some(t);
+            }
+        }
+        for (path, layer) in &known {
+            if config.targets(path, *layer) && !pairs.contains_key(path) {
+                return Err(Error::weights(
+                    &weights_path,
+                    format!("adapter_config.json targets `{path}` but the file has no `base_model.model.{path}.lora_A.weight`"),
+                ));
+            }
+        }
+        let scaling = config.scaling();
+        for (path, (a, b)) in pairs {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(Error::weights(
+                    &weights_path,
+                    format!("module `{path}` has only one of lora_A / lora_B"),
+                ));
+            };
+            if a.dim(0)? != config.r {
+                return Err(Error::weights(
+                    &weights_path,
+                    format!("tensor `base_model.model.{path}.lora_A.weight` has rank {} but adapter_config.json says r={}", a.dim(0)?, config.r),
+                ));
+            }
+            let weights = LoraWeights {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                scaling,
+                dropout: config.lora_dropout,
+            };
+            self.layer_for(&path)?.insert(name, weights).map_err(|e| {
+                Error::weights(
+                    &weights_path,
+                    format!("module `{path}`: {}", crate::model::weights::root_cause(&e)),
+                )
+            })?;
+        }
+        self.configs.insert(name.to_string(), config);
+        self.set_adapter(name)
+    }
+
+    /// Folds the active adapter into the base weights and returns the plain model
+    /// (PEFT's `merge_and_unload`). Quantised bases are dequantised: the merged weights are
+    /// dense in the compute dtype, ready to export as a Hugging Face folder.
+    pub fn merge_and_unload(mut self) -> Result<Model> {
+        let active = self.active.clone();
+        for layer in self.layers.values() {
+            layer.set_active(std::slice::from_ref(&active));
+        }
+        for (i, block) in self.model.decoder.layers.iter_mut().enumerate() {
+            for (name, lin) in block.linears_mut() {
+                let path = format!("model.layers.{i}.{name}");
+                let Some(layer) = self.layers.get(&path) else {
+                    continue;
+                };
+                if let Some(delta) = layer.merged_delta()? {
+                    let w = lin.dense_weight()?;
+                    let merged =
+                        (w.to_dtype(DType::F32)? + delta)?.to_dtype(lin.compute_dtype())?;
+                    lin.set_weight(LinearWeight::Dense(merged));
+                }
+                lin.set_adapter(None);
+            }
+        }
+        Ok(self.model)
+    }
+}
+
+/// `model.layers.3.self_attn.q_proj` → (3, "self_attn.q_proj").
+fn parse_path(path: &str) -> Option<(usize, &str)> {
+    let rest = path.strip_prefix("model.layers.")?;
+    let (idx, name) = rest.split_once('.')?;
+    Some((idx.parse().ok()?, name))
+}
+
+/// `base_model.model.<path>.lora_A.weight` (optionally `.lora_A.<adapter>.weight`) → (path, 'A').
+fn parse_adapter_key(key: &str) -> Option<(String, char)> {
+    let rest = key
+        .strip_prefix("base_model.model.")?
+        .strip_suffix(".weight")?;
+    for (marker, kind) in [(".lora_A", 'A'), (".lora_B", 'B')] {
+        if let Some(at) = rest.rfind(marker) {
+            let tail = &rest[at + marker.len()..];
+            if tail.is_empty() || (tail.starts_with('.') && !tail[1..].contains('.')) {
+                return Some((rest[..at].to_string(), kind));
+            }
+        }
+    }
+    None
+}
+
+/// Writes through a temporary file in the same folder, synced, then renamed into place, so a
+/// crash never leaves a half-written file under the final name.
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    write(&tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_keys_parse() {
+        assert_eq!(
+            parse_adapter_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            Some(("model.layers.0.self_attn.q_proj".into(), 'A'))
+        );
+        assert_eq!(
+            parse_adapter_key("base_model.model.model.layers.2.mlp.up_proj.lora_B.default.weight"),
+            Some(("model.layers.2.mlp.up_proj".into(), 'B'))
+        );
+        assert_eq!(
+            parse_adapter_key("model.layers.0.self_attn.q_proj.weight"),
+            None
+        );
+        assert_eq!(
+            parse_path("model.layers.12.mlp.down_proj"),
+            Some((12, "mlp.down_proj"))
+        );
+    }
+}
