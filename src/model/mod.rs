@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod decoder;
+pub mod export;
 pub mod linear;
 pub mod source;
 pub mod tokenizer;

@@ -40,3 +40,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The reference venv's Python (`make reference` builds it).
+pub fn ref_python() -> PathBuf {
+    let venv = std::env::var_os("QLORA_REF_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/qlora/ref-venv")
+        });
+    let py = venv.join("bin/python");
+    assert!(
+        py.is_file(),
+        "reference venv missing at {}: run `make reference`",
+        venv.display()
+    );
+    py
+}

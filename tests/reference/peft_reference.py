@@ -180,6 +180,8 @@ def run_case(name, base_name, lora_kwargs, description, tiny_dir: Path, out_dir:
     with torch.no_grad():
         reload_logits = reloaded(input_ids=input_ids).logits.float()
     torch.testing.assert_close(reload_logits, logits, rtol=0, atol=1e-6)
+    # PeftModel.from_pretrained loads for inference (is_trainable=False): adapters frozen.
+    loaded_line = trainable_line(reloaded)
 
     save_file({"input_ids": input_ids.contiguous(), "logits": logits,
                "merged_logits": merged_logits},
@@ -193,6 +195,7 @@ def run_case(name, base_name, lora_kwargs, description, tiny_dir: Path, out_dir:
         "base": base_name,
         "lora_config_kwargs": {**COMMON_LORA, **lora_kwargs},
         "print_trainable_parameters": line,
+        "print_trainable_parameters_after_from_pretrained": loaded_line,
         "trainable_params": trainable,
         "all_params": total,
         "adapter_config": adapter_config,
