@@ -21,11 +21,17 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 
+// The tensor library, re-exported so notebooks need only `:dep qlora`.
+pub use candle_core;
+pub use candle_nn;
 pub use error::{Error, Result};
+pub use lora::setup_qlora;
 
 /// The names a notebook needs, in one import.
 pub mod prelude {
     pub use crate::generate::{GenerationConfig, GenerationOutput};
+    pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};
     pub use crate::{Error, Result};
+    pub use candle_core::{DType, Device, Tensor};
 }

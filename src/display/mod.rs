@@ -232,3 +232,92 @@ mod tests {
         assert_eq!(escape_html("<a&b>"), "&lt;a&amp;b&gt;");
     }
 }
+
+/// Rows describing a LoRA configuration.
+fn lora_config_rows(c: &crate::lora::LoraConfig) -> Vec<(String, String)> {
+    let targets = match &c.target_modules {
+        None => "q_proj, v_proj (default)".to_string(),
+        Some(crate::lora::TargetModules::List(v)) => v.join(", "),
+        Some(crate::lora::TargetModules::Pattern(p)) => p.clone(),
+    };
+    let mut rows = vec![
+        ("r".to_string(), c.r.to_string()),
+        ("lora_alpha".to_string(), c.lora_alpha.to_string()),
+        (
+            "scaling".to_string(),
+            format!(
+                "{}{}",
+                c.scaling(),
+                if c.use_rslora { " (rslora)" } else { "" }
+            ),
+        ),
+        ("lora_dropout".to_string(), c.lora_dropout.to_string()),
+        ("target_modules".to_string(), targets),
+        ("bias".to_string(), c.bias.clone()),
+        (
+            "init_lora_weights".to_string(),
+            serde_json::to_string(&c.init_lora_weights).unwrap_or_default(),
+        ),
+    ];
+    if let Some(layers) = &c.layers_to_transform {
+        rows.push((
+            "layers_to_transform".to_string(),
+            serde_json::to_string(layers).unwrap_or_default(),
+        ));
+    }
+    if let Some(t) = &c.task_type {
+        rows.push(("task_type".to_string(), t.clone()));
+    }
+    rows
+}
+
+impl crate::lora::LoraConfig {
+    /// Shows the configuration as an HTML table in a notebook.
+    pub fn evcxr_display(&self) {
+        emit_html(&key_value_table("LoraConfig", &lora_config_rows(self)));
+    }
+}
+
+impl crate::lora::PeftModel {
+    /// Shows which modules carry which adapters and the trainable share, in a notebook.
+    pub fn evcxr_display(&self) {
+        let (trainable, all) = self.parameter_counts();
+        let mut rows = vec![
+            ("base model".to_string(), self.model().name.clone()),
+            (
+                "active adapter".to_string(),
+                self.active_adapter().to_string(),
+            ),
+            ("trainable params".to_string(), thousands(trainable)),
+            ("all params".to_string(), thousands(all)),
+            (
+                "trainable %".to_string(),
+                format!("{:.4}", 100.0 * trainable as f64 / all.max(1) as f64),
+            ),
+        ];
+        // Group adapted modules by their short name: "q_proj × 30 layers".
+        let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
+        for path in self.adapted_modules() {
+            let kind = path.rsplit('.').next().unwrap_or(path).to_string();
+            *by_kind.entry(kind).or_insert(0) += 1;
+        }
+        rows.push((
+            "adapted modules".to_string(),
+            by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} × {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+        let mut html = key_value_table("PeftModel", &rows);
+        for name in self.adapter_names() {
+            if let Some(cfg) = self.config(&name) {
+                html.push_str(&key_value_table(
+                    &format!("adapter `{name}`"),
+                    &lora_config_rows(cfg),
+                ));
+            }
+        }
+        emit_html(&html);
+    }
+}

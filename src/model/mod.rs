@@ -22,9 +22,21 @@ pub use source::{ModelSource, DEFAULT_MODEL_FILE};
 pub use tokenizer::Tokenizer;
 use weights::{GgufWeights, SafetensorsWeights, WeightSource};
 
+use crate::quant::bnb_checkpoint::BnbQuantizationConfig;
+use crate::quant::Quant4Config;
 use crate::{Error, Result};
 
 /// How to load a model.
+///
+/// ```no_run
+/// use qlora::model::{LoadOptions, Model};
+/// use qlora::quant::Quant4Config;
+/// // transformers: from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+/// //     bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+/// let opts = LoadOptions::default().load_in_4bit(Quant4Config::qlora());
+/// let model = Model::load_with("path/to/hf-folder", &opts)?;
+/// # Ok::<(), qlora::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// The dtype activations and dense weights use. `None`: f32 on CPU (fast and exact there),
@@ -32,6 +44,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Where the weights go.
     pub device: Device,
+    /// Quantise the linear layers of the decoder blocks to 4 bits while loading (transformers'
+    /// `load_in_4bit`); `None` keeps them as stored. See [`LoadOptions::load_in_4bit`].
+    pub quantization: Option<Quant4Config>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +54,7 @@ impl Default for LoadOptions {
         Self {
             dtype: None,
             device: Device::Cpu,
+            quantization: None,
         }
     }
 }
@@ -53,6 +69,26 @@ impl LoadOptions {
     /// Sets the device.
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// Loads a Hugging Face (f32/f16/bf16 safetensors) model with every linear layer of its
+    /// decoder blocks (q, k, v, o, gate, up, down) quantised to 4 bits, as transformers +
+    /// bitsandbytes do with `BitsAndBytesConfig(load_in_4bit=True, ...)`:
+    ///
+    /// - embeddings, norms, biases and the output head stay dense in the load dtype
+    ///   (transformers never converts the output embeddings or weights tied to them);
+    /// - each weight is quantised from the checkpoint's values cast to the load dtype
+    ///   ([`LoadOptions::dtype`]), as transformers quantises after casting to its `dtype`, so the
+    ///   packed bytes and statistics are bitsandbytes' own; the quant state records that dtype
+    ///   and products run in it (bitsandbytes' `bnb_4bit_compute_dtype`);
+    /// - a folder that already is a bitsandbytes 4-bit checkpoint is read as stored (its own
+    ///   settings win, as in transformers);
+    /// - a GGUF base keeps its GGML quantisation (Q4_0, Q4_1, Q8_0, K-quants): it is already
+    ///   quantised, and re-quantising it to NF4 would only add error, so this option does
+    ///   nothing there.
+    pub fn load_in_4bit(mut self, config: Quant4Config) -> Self {
+        self.quantization = Some(config);
         self
     }
 }
@@ -104,6 +140,8 @@ impl Model {
     }
 
     fn load_gguf(path: &Path, name: String, source: ModelSource, o: &LoadOptions) -> Result<Self> {
+        // `o.quantization` is deliberately ignored: a GGUF's linears stay in their GGML blocks
+        // (see `LoadOptions::load_in_4bit`).
         let gguf = GgufWeights::open(path, &o.device)?;
         let config = ModelConfig::from_gguf(path, &gguf.content)?;
         let tokenizer = Tokenizer::from_gguf(path, &gguf.content)?;
@@ -124,8 +162,19 @@ impl Model {
             Device::Cpu => DType::F32,
             _ => config.stored_candle_dtype().unwrap_or(DType::F32),
         });
-        let mut weights =
-            WeightSource::Safetensors(SafetensorsWeights::from_hf_dir(dir, &o.device)?);
+        if let Some(q) = &o.quantization {
+            q.validate()?;
+        }
+        // A bitsandbytes 4-bit checkpoint carries its own setting; any weight it left dense is
+        // quantised with it, as a layer transformers would have converted.
+        let quantization = match BnbQuantizationConfig::from_config_file(&dir.join("config.json"))?
+        {
+            Some(saved) => Some(saved.quant),
+            None => o.quantization,
+        };
+        let mut weights = WeightSource::Safetensors(
+            SafetensorsWeights::from_hf_dir(dir, &o.device)?.with_quantization(quantization),
+        );
         let decoder = Decoder::load(&config, &mut weights, dtype, &o.device)?;
         Ok(Self::assemble(decoder, tokenizer, source, name))
     }

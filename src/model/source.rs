@@ -250,4 +250,27 @@ mod tests {
             .to_string();
         assert!(err.contains("nobody/such-model-xyz"), "{err}");
     }
+
+    #[test]
+    fn hub_ids_resolve_from_the_hf_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--SomeOrg--tiny-model");
+        let snap = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), b"{}").unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), b"0123abcd\n").unwrap();
+        // Only this test reads HF_HUB_CACHE.
+        std::env::set_var("HF_HUB_CACHE", cache.path());
+        let found = ModelSource::resolve("SomeOrg/tiny-model").unwrap();
+        assert_eq!(found, ModelSource::HfDir(snap));
+        let err = ModelSource::resolve("SomeOrg/absent")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not in the Hugging Face cache") || err.contains("hub"),
+            "{err}"
+        );
+        std::env::remove_var("HF_HUB_CACHE");
+    }
 }

@@ -14,6 +14,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::linear::Linear;
+use crate::quant::{bnb_checkpoint, Quant4Config, Quantized4bit};
 use crate::{Error, Result};
 
 /// A source of named tensors, in transformers' naming.
@@ -58,8 +59,7 @@ impl WeightSource {
         let name = format!("{prefix}.weight");
         match self {
             Self::Safetensors(s) => {
-                let w = s.tensor(&name, &[out_features, in_features], dtype)?;
-                Ok(Linear::dense(w, bias))
+                s.linear_weight(prefix, &name, out_features, in_features, bias, dtype)
             }
             Self::Gguf(g) => {
                 let q = g.quantized(&name, &[out_features, in_features])?;
@@ -70,10 +70,15 @@ impl WeightSource {
 }
 
 /// One or more safetensors files, memory-mapped.
+///
+/// Linear weights come out dense, 4-bit from a bitsandbytes checkpoint (detected per tensor by
+/// its `.weight.quant_state.bitsandbytes__*` companion), or quantised to 4 bits on load when
+/// [`SafetensorsWeights::with_quantization`] asked for it.
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     routing: HashMap<String, usize>,
     device: Device,
+    quantize: Option<Quant4Config>,
 }
 
 impl SafetensorsWeights {
@@ -126,7 +131,91 @@ impl SafetensorsWeights {
             files,
             routing,
             device: device.clone(),
+            quantize: None,
         })
+    }
+
+    /// Quantise every linear layer except the output head to 4 bits as it is loaded, as
+    /// transformers' `load_in_4bit` does (`None`: keep them dense). Weights already stored in
+    /// 4 bits (a bitsandbytes checkpoint) are read as they are either way.
+    pub fn with_quantization(mut self, quantize: Option<Quant4Config>) -> Self {
+        self.quantize = quantize;
+        self
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.routing.get(name).map(|&i| self.files[i].0.as_path())
+    }
+
+    /// A tensor as stored (no dtype conversion, no shape check) and the file it came from.
+    pub fn raw(&self, name: &str) -> Result<(Tensor, PathBuf)> {
+        let (path, st) = self.locate(name)?;
+        let t = st.load(name, &self.device).map_err(|e| {
+            Error::weights(
+                path,
+                format!("cannot read tensor `{name}`: {}", root_cause(&e)),
+            )
+        })?;
+        Ok((t, path.clone()))
+    }
+
+    fn locate(&self, name: &str) -> Result<&(PathBuf, MmapedSafetensors)> {
+        match self.routing.get(name) {
+            Some(&i) => Ok(&self.files[i]),
+            None => {
+                let where_ = self
+                    .files
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(Error::weights(
+                    &self.files[0].0,
+                    format!("tensor `{name}` is missing (looked in {where_}); the checkpoint does not match its config.json"),
+                ))
+            }
+        }
+    }
+
+    /// The weight of linear layer `prefix`: 4-bit from the checkpoint, quantised on load, or
+    /// dense in `dtype`.
+    fn linear_weight(
+        &self,
+        prefix: &str,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: Option<Tensor>,
+        dtype: DType,
+    ) -> Result<Linear> {
+        let shape = [out_features, in_features];
+        if let Some(q) = bnb_checkpoint::read_quantized(self, name, &shape)? {
+            return Ok(Linear::quant4(Arc::new(q), bias, dtype, &self.device));
+        }
+        let w = self.tensor(name, &shape, dtype)?;
+        match self.quantize {
+            // transformers keeps the output embeddings (and anything tied to them) in full
+            // precision: `get_keys_to_not_convert`.
+            Some(cfg) if prefix != "lm_head" && prefix != "model.embed_tokens" => {
+                // Quantised from the checkpoint values cast to the load dtype, as transformers
+                // casts to the model dtype before `Params4bit` quantises: same bytes, and the
+                // state records that dtype.
+                let q = Quantized4bit::quantize(&w, cfg).map_err(|e| {
+                    Error::weights(
+                        self.file_of(name).unwrap_or(Path::new("")),
+                        format!("cannot quantise tensor `{name}` to 4 bits: {e}"),
+                    )
+                })?;
+                Ok(Linear::quant4(Arc::new(q), bias, dtype, &self.device))
+            }
+            _ => Ok(Linear::dense(w, bias)),
+        }
     }
 
     /// Names of all tensors.
@@ -136,27 +225,24 @@ impl SafetensorsWeights {
 
     /// A tensor by name, checked against `shape` (when non-empty) and converted to `dtype`.
     pub fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (path, st) = match self.routing.get(name) {
-            Some(&i) => &self.files[i],
-            None => {
-                let where_ = self
-                    .files
-                    .iter()
-                    .map(|(p, _)| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(Error::weights(
-                    &self.files[0].0,
-                    format!("tensor `{name}` is missing (looked in {where_}); the checkpoint does not match its config.json"),
-                ));
-            }
-        };
+        let (path, st) = self.locate(name)?;
         let t = st.load(name, &self.device).map_err(|e| {
             Error::weights(
                 path,
                 format!("cannot read tensor `{name}`: {}", root_cause(&e)),
             )
         })?;
+        if t.dtype() == DType::U8 {
+            // A packed 4-bit weight whose quant state is gone would otherwise load as garbage.
+            return Err(Error::weights(
+                path,
+                format!(
+                    "tensor `{name}` is U8 (packed 4-bit?) but there is no \
+                     `{name}.quant_state.bitsandbytes__nf4` (or __fp4) tensor describing it; \
+                     the bitsandbytes checkpoint is incomplete"
+                ),
+            ));
+        }
         if !shape.is_empty() && t.dims() != shape {
             return Err(Error::weights(
                 path,

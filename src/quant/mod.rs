@@ -15,6 +15,7 @@
 //! ```
 
 mod blockwise4;
+pub mod bnb_checkpoint;
 pub mod codes;
 mod dynamic8;
 mod int8;
