@@ -339,16 +339,17 @@ fn corrupt(edit: impl FnOnce(&mut RawFile)) -> (String, PathBuf, tempfile::TempD
 }
 
 const Q: &str = "model.layers.0.self_attn.q_proj.weight";
+const QS: &str = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4";
+
+fn set_json(t: &mut RawFile, json: &str) {
+    let e = t.get_mut(QS).unwrap();
+    e.1 = vec![json.len()];
+    e.2 = json.as_bytes().to_vec();
+}
 
 /// (d) Damaged checkpoints: errors name the tensor and the file.
 #[test]
 fn damaged_4bit_checkpoints_name_tensor_and_file() {
-    let qs = format!("{Q}.quant_state.bitsandbytes__nf4");
-    let set_json = |t: &mut RawFile, json: &str| {
-        let e = t.get_mut(&qs).unwrap();
-        e.1 = vec![json.len()];
-        e.2 = json.as_bytes().to_vec();
-    };
     let cases: Vec<(&str, Box<dyn FnOnce(&mut RawFile)>, Vec<String>)> = vec![
         (
             "missing absmax",
@@ -359,18 +360,18 @@ fn damaged_4bit_checkpoints_name_tensor_and_file() {
         ),
         (
             "quant state not JSON",
-            Box::new(move |t: &mut RawFile| set_json(t, "{\"quant_type\": nf4")),
-            vec![format!("`{qs}`"), "not valid JSON".into()],
+            Box::new(|t: &mut RawFile| set_json(t, "{\"quant_type\": nf4")),
+            vec![format!("`{QS}`"), "not valid JSON".into()],
         ),
         (
             "shape mismatch",
-            Box::new(move |t: &mut RawFile| {
+            Box::new(|t: &mut RawFile| {
                 set_json(
                     t,
                     r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 32], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.38}"#,
                 )
             }),
-            vec![format!("`{qs}`"), "[64, 32]".into(), "[64, 64]".into()],
+            vec![format!("`{QS}`"), "[64, 32]".into(), "[64, 64]".into()],
         ),
         (
             "truncated packed weight",
@@ -392,8 +393,8 @@ fn damaged_4bit_checkpoints_name_tensor_and_file() {
         ),
         (
             "quant state gone, packed weight left",
-            Box::new(move |t: &mut RawFile| {
-                t.remove(&qs);
+            Box::new(|t: &mut RawFile| {
+                t.remove(QS);
             }),
             vec![format!("`{Q}` is U8")],
         ),
