@@ -20,6 +20,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod rng;
 
 // The tensor library, re-exported so notebooks need only `:dep qlora`.
 pub use candle_core;

@@ -1,9 +1,12 @@
 //! Text generation: greedy and sampled decoding with a KV cache, stop conditions, streaming,
 //! and batches of prompts (left-padded, as transformers' `generate` pads decoder-only models).
 
+pub mod sampling;
+
 use candle_core::{DType, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::{Deserialize, Serialize};
+
+use sampling::Sampler;
 
 use crate::model::{KvCache, Message, Model};
 use crate::{Error, Result};
@@ -123,19 +126,6 @@ impl GenerationConfig {
         }
         Ok(())
     }
-
-    fn sampling(&self) -> Sampling {
-        if self.temperature < 1e-7 {
-            return Sampling::ArgMax;
-        }
-        let temperature = self.temperature;
-        match (self.top_k, self.top_p) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
-    }
 }
 
 /// Why generation ended.
@@ -168,7 +158,7 @@ struct Row {
     text: String,
     emitted: usize,
     finish: Option<FinishReason>,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
 }
 
 impl Row {
@@ -297,7 +287,6 @@ impl Model {
             .chain(&config.eos_token_ids)
             .copied()
             .collect();
-        let sampling = config.sampling();
         let mut rows: Vec<Row> = prompts
             .into_iter()
             .enumerate()
@@ -307,9 +296,12 @@ impl Model {
                 text: String::new(),
                 emitted: 0,
                 finish: None,
-                sampler: LogitsProcessor::from_sampling(
+                sampler: Sampler::new(
                     config.seed.wrapping_add(i as u64),
-                    sampling.clone(),
+                    config.temperature,
+                    config.top_k,
+                    config.top_p,
+                    config.repetition_penalty,
                 ),
             })
             .collect();
@@ -360,17 +352,13 @@ impl Model {
             let mut next = Vec::with_capacity(active.len());
             for (slot, &r) in active.iter().enumerate() {
                 let row = &mut rows[r];
-                let mut l = logits.get(slot)?;
-                if config.repetition_penalty != 1.0 {
-                    let context: Vec<u32> =
-                        row.prompt.iter().chain(&row.generated).copied().collect();
-                    l = candle_transformers::utils::apply_repeat_penalty(
-                        &l,
-                        config.repetition_penalty,
-                        &context,
-                    )?;
-                }
-                let token = row.sampler.sample(&l)?;
+                let mut l: Vec<f32> = logits.get(slot)?.to_vec1()?;
+                let context: Vec<u32> = if config.repetition_penalty != 1.0 {
+                    row.prompt.iter().chain(&row.generated).copied().collect()
+                } else {
+                    vec![]
+                };
+                let token = row.sampler.sample(&mut l, &context);
                 if eos.contains(&token) {
                     row.finish = Some(FinishReason::Stop);
                 } else {

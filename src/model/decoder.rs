@@ -115,6 +115,18 @@ pub struct Decoder {
     device: Device,
 }
 
+/// Repeats each key/value head `groups` times so grouped-query attention can use a plain
+/// batched matmul: `[b, kv, t, d]` → `[b, kv·groups, t, d]`.
+fn repeat_kv(xs: Tensor, groups: usize) -> candle_core::Result<Tensor> {
+    if groups == 1 {
+        return Ok(xs);
+    }
+    let (b, kv, t, d) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .broadcast_as((b, kv, groups, t, d))?
+        .reshape((b, kv * groups, t, d))
+}
+
 impl Attention {
     fn forward(
         &self,
@@ -138,8 +150,8 @@ impl Attention {
             None => (k, v),
         };
         let groups = self.num_heads / self.num_kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
+        let k = repeat_kv(k, groups)?.contiguous()?;
+        let v = repeat_kv(v, groups)?.contiguous()?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // Mask and softmax in f32, as transformers' eager attention does, whatever the
