@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device, Tensor};
 use qlora::lora::{get_peft_model, LoraConfig, PeftModel};
@@ -248,7 +248,6 @@ struct Ours {
     dir: PathBuf,
     logits: Vec<f32>,
     tensors: BTreeMap<String, Vec<f32>>,
-    child: Option<Child>,
 }
 
 fn our_cases() -> Vec<(&'static str, &'static str, LoraConfig)> {
@@ -314,8 +313,9 @@ fn our_cases() -> Vec<(&'static str, &'static str, LoraConfig)> {
     ]
 }
 
-/// Makes each adapter here with random nonzero B, saves it, and starts PEFT's `check` on it.
-fn make_ours(tmp: &Path) -> Vec<Ours> {
+/// Makes each adapter here with random nonzero B and saves it; returns them with the
+/// `peft_reference.py check` arguments that load them all in one Python process.
+fn make_ours(tmp: &Path) -> (Vec<Ours>, Vec<PathBuf>) {
     let ids = Tensor::new(
         &[[5i64, 17, 99, 200, 3, 64], [250, 1, 42, 7, 128, 31]],
         &Device::Cpu,
@@ -329,6 +329,7 @@ fn make_ours(tmp: &Path) -> Vec<Ours> {
     .unwrap();
 
     let mut out = Vec::new();
+    let mut args = Vec::new();
     for (i, (name, base, config)) in our_cases().into_iter().enumerate() {
         let peft = PeftModel::new_seeded(load_base(base), &config, 100 + i as u64)
             .unwrap_or_else(|e| panic!("{name}: get_peft_model: {e}"));
@@ -349,56 +350,62 @@ fn make_ours(tmp: &Path) -> Vec<Ours> {
         let dir = tmp.join(name);
         peft.save_pretrained(&dir)
             .unwrap_or_else(|e| panic!("{name}: save_pretrained: {e}"));
-
-        let base_dir = common::reference_dir().join(base);
-        let child = Command::new(python())
-            .arg(script())
-            .arg("check")
-            .arg(&base_dir)
-            .arg(&dir)
-            .arg(&ids_path)
-            .arg(tmp.join(format!("{name}.out.safetensors")))
-            .env("HF_HUB_OFFLINE", "1")
-            .env("TOKENIZERS_PARALLELISM", "false")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the reference python");
+        args.extend([
+            common::reference_dir().join(base),
+            dir.clone(),
+            ids_path.clone(),
+            tmp.join(format!("{name}.out.safetensors")),
+        ]);
         out.push(Ours {
             name,
             base,
             dir,
             logits,
             tensors,
-            child: Some(child),
         });
     }
-    out
+    (out, args)
 }
 
 #[test]
 fn our_adapters_load_in_peft_with_equal_logits_tensors_and_config() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut ours = make_ours(tmp.path());
+    let (ours, args) = make_ours(tmp.path());
+    let result = Command::new(python())
+        .arg(script())
+        .arg("check")
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("starting the reference python");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
     let mut failures = Vec::new();
-    for o in &mut ours {
+    if !result.status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+        failures.push(format!(
+            "PEFT check failed ({}):\n{}\n{}",
+            result.status,
+            stdout.trim(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    for o in &ours {
         let name = o.name;
-        let result = o.child.take().unwrap().wait_with_output().unwrap();
-        if !result.status.success() {
-            let stderr = String::from_utf8_lossy(&result.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        let out_path = tmp.path().join(format!("{name}.out.safetensors"));
+        let summary_path = PathBuf::from(format!("{}.json", out_path.display()));
+        if !summary_path.is_file() {
             failures.push(format!(
-                "{name} (base {}): PEFT check failed ({}):\n{}\n{}",
-                o.base,
-                result.status,
-                String::from_utf8_lossy(&result.stdout).trim(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                "{name} (base {}): PEFT produced no output (see the error above)",
+                o.base
             ));
             continue;
         }
-        let out_path = tmp.path().join(format!("{name}.out.safetensors"));
         let peft_out = load_tensors(&out_path);
-        let summary = read_json(&PathBuf::from(format!("{}.json", out_path.display())));
+        let summary = read_json(&summary_path);
 
         // Logits.
         let d = common::max_abs_diff(&flat(&peft_out["logits"]), &o.logits);
@@ -423,6 +430,11 @@ fn our_adapters_load_in_peft_with_equal_logits_tensors_and_config() {
                 if d != 0.0 {
                     failures.push(format!("{name}: PEFT's `{k}` differs from ours by {d:.3e}"));
                 }
+            }
+        }
+        for k in ["missing_keys", "unexpected_keys", "value_mismatch_keys"] {
+            if summary[k].as_array().is_some_and(|a| !a.is_empty()) {
+                failures.push(format!("{name}: PEFT reports {k} {}", summary[k]));
             }
         }
         for (k, dt) in summary["file_dtypes"].as_object().unwrap() {

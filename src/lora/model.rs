@@ -32,6 +32,8 @@ pub struct PeftModel {
     configs: BTreeMap<String, LoraConfig>,
     active: String,
     seed: u64,
+    /// Loaded for inference only (PEFT's `is_trainable=False`): nothing is trainable.
+    frozen: bool,
 }
 
 /// `module path → (layer index)` for every adaptable linear layer of the decoder.
@@ -72,6 +74,7 @@ impl PeftModel {
             configs: BTreeMap::new(),
             active: DEFAULT_ADAPTER.to_string(),
             seed,
+            frozen: false,
         }
     }
 
@@ -222,6 +225,9 @@ impl PeftModel {
     /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`), in layer order.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
+        if self.frozen {
+            return out;
+        }
         for (path, _) in module_paths(&self.model) {
             if let Some(w) = self.layers.get(&path).and_then(|l| l.weights(&self.active)) {
                 let p = format!("base_model.model.{path}");
@@ -332,12 +338,26 @@ impl PeftModel {
         })
     }
 
-    /// Loads a PEFT adapter folder onto `model` as adapter `default` — PEFT's
-    /// `PeftModel.from_pretrained(model, dir)`.
+    /// Loads a PEFT adapter folder onto `model` as adapter `default`, for inference — PEFT's
+    /// `PeftModel.from_pretrained(model, dir)` (frozen: no trainable parameters).
     pub fn from_pretrained(model: Model, dir: impl AsRef<Path>) -> Result<Self> {
         let mut peft = Self::wrap(model, 0);
         peft.load_adapter(dir, DEFAULT_ADAPTER)?;
+        peft.frozen = true;
         Ok(peft)
+    }
+
+    /// Like [`PeftModel::from_pretrained`] with PEFT's `is_trainable=True`: the loaded adapter
+    /// trains further (resuming, or fine-tuning an existing adapter).
+    pub fn from_pretrained_trainable(model: Model, dir: impl AsRef<Path>) -> Result<Self> {
+        let mut peft = Self::wrap(model, 0);
+        peft.load_adapter(dir, DEFAULT_ADAPTER)?;
+        Ok(peft)
+    }
+
+    /// Whether the adapters are frozen (loaded for inference).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// Loads another adapter folder under `name` and makes it active.

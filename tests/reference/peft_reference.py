@@ -16,7 +16,8 @@ Usage:
       OUT_DIR/counts.json    print_trainable_parameters() lines for the SmolLM2-135M shape
       OUT_DIR/index.json     cases + versions (written last: its presence means "complete")
 
-  peft_reference.py check BASE_DIR ADAPTER_DIR IDS_SAFETENSORS OUT_SAFETENSORS
+  peft_reference.py check BASE_DIR ADAPTER_DIR IDS_SAFETENSORS OUT_SAFETENSORS [4 more ...]
+      (several quadruples may follow one another: one process, one torch import, for all).
       Loads BASE_DIR (f32) + ADAPTER_DIR with PeftModel.from_pretrained (eval) and writes to
       OUT_SAFETENSORS: `input_ids` (int64), `logits` (f32) for IDS_SAFETENSORS's `input_ids`,
       and every LoRA tensor PEFT actually holds after loading, under the key it has in the
@@ -25,7 +26,7 @@ Usage:
       OUT_SAFETENSORS + ".json": the config as PEFT re-reads it (LoraConfig.from_pretrained
       (...).to_dict()), the file's and the model's adapter keys, missing/unexpected keys, the
       warnings PEFT emitted and the print_trainable_parameters() line. Exits 1 (after writing
-      both) when a key is missing or unexpected.
+      both, for every quadruple) when a key is missing, unexpected or loaded with other values.
 
   peft_reference.py counts [OUT_JSON]
       Only the SmolLM2-135M-shape counts (printed, and written to OUT_JSON if given).
@@ -39,6 +40,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -306,19 +308,31 @@ def main_check(base_dir: Path, adapter_dir: Path, ids_path: Path, out_path: Path
         "print_trainable_parameters": trainable_line(model),
     }
     Path(str(out_path) + ".json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("missing_keys", "unexpected_keys", "value_mismatch_keys")}))
+    print(json.dumps({"adapter": str(adapter_dir), **{k: summary[k] for k in (
+        "missing_keys", "unexpected_keys", "value_mismatch_keys")}}))
     if missing or unexpected or mismatched:
-        print(f"check: adapter keys do not match what PEFT loaded: missing={missing} "
+        print(f"check: {adapter_dir}: adapter keys do not match what PEFT loaded: missing={missing} "
               f"unexpected={unexpected} mismatched={mismatched}", file=sys.stderr)
-        sys.exit(1)
+        return False
+    return True
 
 
 def main():
     args = sys.argv[1:]
     if args and args[0] == "check":
-        if len(args) != 5:
-            sys.exit(f"usage: {sys.argv[0]} check BASE_DIR ADAPTER_DIR IDS_SAFETENSORS OUT_SAFETENSORS")
-        main_check(*(Path(a) for a in args[1:]))
+        if len(args) < 5 or (len(args) - 1) % 4:
+            sys.exit(f"usage: {sys.argv[0]} check BASE_DIR ADAPTER_DIR IDS_SAFETENSORS OUT_SAFETENSORS [...]")
+        rest = [Path(a) for a in args[1:]]
+        results = []
+        for i in range(0, len(rest), 4):
+            try:
+                results.append(main_check(*rest[i:i + 4]))
+            except Exception:  # report, and go on with the other adapters
+                traceback.print_exc()
+                print(f"check: {rest[i + 1]}: PEFT could not load or run it", file=sys.stderr)
+                results.append(False)
+        if not all(results):
+            sys.exit(1)
     elif args and args[0] == "counts":
         if len(args) not in (1, 2):
             sys.exit(f"usage: {sys.argv[0]} counts [OUT_JSON]")
