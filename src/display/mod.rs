@@ -219,19 +219,6 @@ impl Model {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formatting_helpers() {
-        assert_eq!(thousands(921600), "921,600");
-        assert_eq!(thousands(12), "12");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(escape_html("<a&b>"), "&lt;a&amp;b&gt;");
-    }
-}
 
 /// Rows describing a LoRA configuration.
 fn lora_config_rows(c: &crate::lora::LoraConfig) -> Vec<(String, String)> {
@@ -319,5 +306,19 @@ impl crate::lora::PeftModel {
             }
         }
         emit_html(&html);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting_helpers() {
+        assert_eq!(thousands(921600), "921,600");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(escape_html("<a&b>"), "&lt;a&amp;b&gt;");
     }
 }
