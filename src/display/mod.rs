@@ -219,7 +219,6 @@ impl Model {
     }
 }
 
-
 /// Rows describing a LoRA configuration.
 fn lora_config_rows(c: &crate::lora::LoraConfig) -> Vec<(String, String)> {
     let targets = match &c.target_modules {

@@ -165,11 +165,12 @@ impl Model {
         if let Some(q) = &o.quantization {
             q.validate()?;
         }
-        // A bitsandbytes 4-bit checkpoint carries its own setting; any weight it left dense is
-        // quantised with it, as a layer transformers would have converted.
+        // A bitsandbytes 4-bit checkpoint is read as stored (the loader recognises each 4-bit
+        // weight by its quant state); weights it keeps dense (`llm_int8_skip_modules`) stay
+        // dense, as in transformers. Reading the config here refuses other quantisations.
         let quantization = match BnbQuantizationConfig::from_config_file(&dir.join("config.json"))?
         {
-            Some(saved) => Some(saved.quant),
+            Some(_) => None,
             None => o.quantization,
         };
         let mut weights = WeightSource::Safetensors(

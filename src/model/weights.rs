@@ -14,7 +14,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::linear::Linear;
-use crate::quant::{bnb_checkpoint, Quant4Config, Quantized4bit};
+use crate::quant::{bnb_checkpoint, Quant4Config};
 use crate::{Error, Result};
 
 /// A source of named tensors, in transformers' naming.
@@ -206,7 +206,7 @@ impl SafetensorsWeights {
                 // Quantised from the checkpoint values cast to the load dtype, as transformers
                 // casts to the model dtype before `Params4bit` quantises: same bytes, and the
                 // state records that dtype.
-                let q = Quantized4bit::quantize(&w, cfg).map_err(|e| {
+                let q = bnb_checkpoint::quantize_like_bitsandbytes(&w, cfg).map_err(|e| {
                     Error::weights(
                         self.file_of(name).unwrap_or(Path::new("")),
                         format!("cannot quantise tensor `{name}` to 4 bits: {e}"),

@@ -387,6 +387,118 @@ impl BnbQuantizationConfig {
     }
 }
 
+/// Quantises a weight exactly as transformers' `load_in_4bit` does through
+/// `bitsandbytes.functional.quantize_4bit` on CPU, double-quantisation offset included.
+///
+/// The offset is `absmax.mean()`, which torch computes in f32 in its own summation order;
+/// [`torch_mean_f32`] replays that order, so the nested state is bit-identical too (torch
+/// splits sums of more than 32768 values — tensors above ~2M weights — across threads, where
+/// the last bit of the offset can still differ).
+pub fn quantize_like_bitsandbytes(w: &Tensor, cfg: Quant4Config) -> Result<Quantized4bit> {
+    if !cfg.compress_statistics {
+        return Quantized4bit::quantize(w, cfg);
+    }
+    let (packed, mut state) =
+        Quantized4bit::quantize(w, cfg.with_double_quant(false))?.into_parts();
+    let Absmax::Plain(absmax) = &state.absmax else {
+        unreachable!("quantised without double quantisation")
+    };
+    let offset = torch_mean_f32(absmax);
+    state.absmax = Absmax::Nested(NestedAbsmax::quantize_with_offset(absmax, offset));
+    Quantized4bit::from_parts(packed, state)
+}
+
+/// `torch.Tensor.mean()` of a contiguous f32 vector on CPU, single-threaded: ATen's
+/// `cascade_sum` (`vectorized_inner_sum` over 8-float vectors — the sum kernel runs its AVX2 /
+/// NEON build even on AVX-512 machines — four interleaved accumulators summed in levels), then
+/// the sum divided by the count in f32.
+pub fn torch_mean_f32(values: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let n = values.len();
+    if n == 0 {
+        return f32::NAN;
+    }
+    let sum = if n >= LANES {
+        let vectors = n / LANES;
+        let acc = row_sum::<LANES>(vectors, |i| std::array::from_fn(|l| values[i * LANES + l]));
+        let mut total = 0f32;
+        for &v in &values[vectors * LANES..] {
+            total += v;
+        }
+        for lane in acc {
+            total += lane;
+        }
+        total
+    } else {
+        row_sum::<1>(n, |i| [values[i]])[0]
+    };
+    // The output starts at zero and the sum is accumulated into it (CastStoreAccumulate).
+    (0f32 + sum) / n as f32
+}
+
+/// ATen's `row_sum`: `size` elements (vectors of `W` lanes) read as rows of four, summed by
+/// `multi_row_sum`, the leftover elements added to the first partial, then the partials added.
+// Index loops mirror ATen's loops one for one, which is what makes the order auditable.
+#[allow(clippy::needless_range_loop)]
+fn row_sum<const W: usize>(size: usize, load: impl Fn(usize) -> [f32; W]) -> [f32; W] {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    let add = |a: &mut [f32; W], b: &[f32; W]| {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += *y;
+        }
+    };
+    let rows = size / ILP;
+    let ceil_log2 = if rows <= 1 {
+        0
+    } else {
+        usize::BITS - (rows - 1).leading_zeros()
+    } as usize;
+    let level_power = (ceil_log2 / LEVELS).max(4);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0f32; W]; ILP]; LEVELS];
+    let mut i = 0usize;
+    while i + level_step <= rows {
+        for _ in 0..level_step {
+            for k in 0..ILP {
+                add(&mut acc[0][k], &load(i * ILP + k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            for k in 0..ILP {
+                let lower = acc[j - 1][k];
+                add(&mut acc[j][k], &lower);
+                acc[j - 1][k] = [0f32; W];
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    for i in i..rows {
+        for k in 0..ILP {
+            add(&mut acc[0][k], &load(i * ILP + k));
+        }
+    }
+    for j in 1..LEVELS {
+        for k in 0..ILP {
+            let upper = acc[j][k];
+            add(&mut acc[0][k], &upper);
+        }
+    }
+    let mut partial = acc[0];
+    for i in rows * ILP..size {
+        add(&mut partial[0], &load(i));
+    }
+    let mut out = partial[0];
+    for p in &partial[1..] {
+        add(&mut out, p);
+    }
+    out
+}
+
 /// Reads the 4-bit weight `weight_name` (e.g. `model.layers.0.self_attn.q_proj.weight`) from a
 /// bitsandbytes checkpoint. `Ok(None)` when the checkpoint holds no quant state for it (a dense
 /// weight). Every inconsistency is an error naming the tensor and its file.
@@ -939,7 +1051,10 @@ mod tests {
     fn bad_quant_state_json_names_the_field() {
         let e = |j: &str| PackedQuantState::parse(j.as_bytes()).unwrap_err();
         assert!(e("{not json").contains("not valid JSON"));
-        assert!(e(r#"{"quant_type": "nf4"}"#).contains("`blocksize`"));
+        assert!(
+            e(r#"{"quant_type": "nf4", "dtype": "float32", "shape": [2]}"#)
+                .contains("has no `blocksize`")
+        );
         assert!(
             e(r#"{"quant_type": "int4", "blocksize": 64, "dtype": "float32", "shape": [2]}"#)
                 .contains("int4")

@@ -160,8 +160,9 @@ impl NestedAbsmax {
     /// differ from ours in the last bit or two; [`NestedAbsmax::quantize_with_offset`] takes a
     /// given offset when bit-identical state is needed.
     pub fn quantize(absmax: &[f32]) -> Self {
-        let sum: f64 = absmax.iter().map(|&a| f64::from(a)).sum();
-        let offset = (sum as f32) / absmax.len() as f32;
+        // torch's own f32 summation order, so the offset (and everything quantised around it)
+        // is bit-identical to bitsandbytes'.
+        let offset = super::bnb_checkpoint::torch_mean_f32(absmax);
         Self::quantize_with_offset(absmax, offset)
     }
 

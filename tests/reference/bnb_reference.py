@@ -9,6 +9,7 @@
           input_ids  int64 [2,7] (make_tiny_models.INPUT_IDS)
           logits     float32 [2,7,vocab] from the saved folder re-loaded by transformers with
                      dtype=torch.float32 (bitsandbytes' portable dequantise-then-matmul path)
+        OUT_DIR/means.safetensors: x<n> and torch's x.mean() for the sizes in MEAN_SIZES.
         OUT_DIR/index.json is written last: its presence means the run completed.
 
     bnb_reference.py --check DIR OUT.safetensors
@@ -55,6 +56,9 @@ VARIANTS = {
     "llama-bf16-nf4": ("llama-bf16", "nf4", True, None,
                        "bf16 checkpoint: quant_state dtype bfloat16, dense tensors bf16"),
 }
+
+
+MEAN_SIZES = [1, 5, 8, 31, 64, 100, 513, 1000, 4096, 5184, 13824, 32768]
 
 
 def bnb_config(quant_type, double_quant):
@@ -145,6 +149,16 @@ def make(out_dir: Path, tiny_dir: Path):
             "files": files,
         }
         print(f"{name:16s} from {source:11s} {qt} dq={dq} state dtype {q.dtype} files={files}")
+    # torch's f32 mean (the double-quant offset) at sizes that reach every level of its cascade
+    # sum; below 32768 values it runs on one thread, so the order is fixed.
+    g = torch.Generator().manual_seed(7)
+    means = {}
+    for n in MEAN_SIZES:
+        x = torch.rand(n, generator=g) * 0.5 + 0.01
+        means[f"x{n}"] = x
+        means[f"mean{n}"] = x.mean().reshape(1)
+    save_file(means, str(out_dir / "means.safetensors"))
+    meta["means"] = {"sizes": MEAN_SIZES, "what": "x<n> f32 [n], mean<n> = x.mean() f32 [1]"}
     index.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {index}")
 
