@@ -228,3 +228,30 @@ fn bad_checkpoints_give_errors_naming_the_file() {
         .to_string();
     assert!(err.contains("config.json") && err.contains("JSON"), "{err}");
 }
+
+#[test]
+fn bf16_and_f16_compute_stay_close_to_f32() {
+    let root = common::reference_dir();
+    let dir = root.join("llama");
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    let r = reference(&dir);
+    for (dtype, tol) in [(DType::BF16, 0.25f32), (DType::F16, 0.05)] {
+        let st = SafetensorsWeights::from_hf_dir(&dir, &Device::Cpu).unwrap();
+        let model = Decoder::load(
+            &cfg,
+            &mut WeightSource::Safetensors(st),
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = model.forward(&ids(&r["input_ids"]), None, None).unwrap();
+        assert_eq!(logits.dtype(), dtype);
+        let ours = flat(&logits.to_dtype(DType::F32).unwrap());
+        let diff = common::max_abs_diff(&ours, &flat(&r["logits"]));
+        assert!(
+            diff < tol,
+            "{dtype:?}: max abs diff {diff} vs f32 reference"
+        );
+        assert!(ours.iter().all(|v| v.is_finite()));
+    }
+}
