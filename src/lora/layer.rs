@@ -199,6 +199,14 @@ impl LoraLayer {
 }
 
 impl LinearAdapter for LoraLayer {
+    fn rng_state(&self) -> Option<u64> {
+        Some(self.rng.lock().unwrap().state())
+    }
+
+    fn set_rng_state(&self, state: u64) {
+        *self.rng.lock().unwrap() = SplitMix64::new(state);
+    }
+
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let s = self.state.read().unwrap();
         if !s.enabled || s.active.is_empty() {

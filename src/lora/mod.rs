@@ -23,10 +23,12 @@ use crate::model::Model;
 use crate::Result;
 
 /// `prepare_model_for_kbit_training` + `get_peft_model`: the base is frozen (only adapter
-/// matrices are ever trainable here), activations and norms compute in the model's dtype (f32
-/// on CPU), and the adapters are put in training mode.
+/// matrices are ever trainable here), norms compute in f32, gradient checkpointing is on (as
+/// `prepare_model_for_kbit_training` turns it on by default), and the adapters are put in
+/// training mode.
 pub fn setup_qlora(model: Model, config: &LoraConfig) -> Result<PeftModel> {
-    let peft = get_peft_model(model, config)?;
+    let mut peft = get_peft_model(model, config)?;
+    peft.set_gradient_checkpointing(true);
     peft.train();
     Ok(peft)
 }

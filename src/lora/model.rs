@@ -34,6 +34,8 @@ pub struct PeftModel {
     seed: u64,
     /// Loaded for inference only (PEFT's `is_trainable=False`): nothing is trainable.
     frozen: bool,
+    /// Recompute block activations in the backward pass instead of storing them.
+    gradient_checkpointing: bool,
 }
 
 /// `module path → (layer index)` for every adaptable linear layer of the decoder.
@@ -75,6 +77,7 @@ impl PeftModel {
             active: DEFAULT_ADAPTER.to_string(),
             seed,
             frozen: false,
+            gradient_checkpointing: false,
         }
     }
 
@@ -214,6 +217,36 @@ impl PeftModel {
     /// Evaluation mode: adapter dropout off.
     pub fn eval(&self) {
         self.layers.values().for_each(|l| l.set_training(false));
+    }
+
+    /// Turns gradient checkpointing on or off (transformers' `gradient_checkpointing_enable`).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn is_gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// One forward and backward pass: `loss_fn` maps final-norm hidden states to a scalar
+    /// loss. With gradient checkpointing on, block activations are recomputed during the
+    /// backward pass instead of being stored (same gradients, less memory).
+    pub fn forward_backward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let decoder = &self.model.decoder;
+        if self.gradient_checkpointing {
+            decoder.checkpointed_backward(input_ids, attention_mask, loss_fn)
+        } else {
+            let hidden = decoder.hidden_states(input_ids, attention_mask, None)?;
+            let loss = loss_fn(&hidden)?;
+            let grads = loss.backward()?;
+            Ok((loss, grads))
+        }
     }
 
     /// Logits for every position (see [`crate::model::Decoder::forward`]).

@@ -4,7 +4,8 @@
 //! Unlike candle-transformers' models it returns logits for every position (training needs
 //! them), exposes its layers, and uses only differentiable ops (see [`crate::ops`]).
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::config::ModelConfig;
 use super::linear::Linear;
@@ -191,6 +192,23 @@ impl DecoderLayer {
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
 
+    /// The random-generator states of this block's adapters (dropout), in linear order.
+    pub fn adapter_rng_states(&self) -> Vec<Option<u64>> {
+        self.linears()
+            .iter()
+            .map(|(_, l)| l.adapter().and_then(|a| a.rng_state()))
+            .collect()
+    }
+
+    /// Restores states from [`Self::adapter_rng_states`].
+    pub fn set_adapter_rng_states(&self, states: &[Option<u64>]) {
+        for ((_, l), s) in self.linears().iter().zip(states) {
+            if let (Some(a), Some(s)) = (l.adapter(), s) {
+                a.set_rng_state(*s);
+            }
+        }
+    }
+
     /// Mutable access to every linear layer of the block, named as in [`Self::linears`].
     pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
         let Attention {
@@ -353,16 +371,6 @@ impl Decoder {
         attention_mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2().map_err(|_| {
-            Error::InvalidArgument(format!(
-                "input_ids must be [batch, seq], got shape {:?}",
-                input_ids.dims()
-            ))
-        })?;
-        if t == 0 {
-            return Err(Error::InvalidArgument("input_ids has no positions".into()));
-        }
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
         if let Some(c) = cache.as_ref() {
             if c.layers.len() != self.layers.len() {
                 return Err(Error::InvalidArgument(format!(
@@ -371,6 +379,31 @@ impl Decoder {
                     self.layers.len()
                 )));
             }
+        }
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let (mut xs, ctx) = self.embed(input_ids, attention_mask, past)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            xs = layer.forward(&xs, &ctx, self.config.rms_norm_eps, c)?;
+        }
+        Ok(ops::rms_norm(&xs, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    /// Token embeddings and the per-call context (rotary tables, mask), after checking ids.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        past: usize,
+    ) -> Result<(Tensor, Context)> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "input_ids must be [batch, seq], got shape {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        if t == 0 {
+            return Err(Error::InvalidArgument("input_ids has no positions".into()));
         }
         let ctx = self.context(b, t, past, attention_mask)?;
         let ids = input_ids.to_dtype(DType::U32)?;
@@ -381,15 +414,72 @@ impl Decoder {
                 self.config.vocab_size
             )));
         }
-        let mut xs = self
+        let xs = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache.as_deref_mut().map(|c| (c, i));
-            xs = layer.forward(&xs, &ctx, self.config.rms_norm_eps, c)?;
+        Ok((xs, ctx))
+    }
+
+    /// Forward and backward with gradient checkpointing: block activations are not kept during
+    /// the forward pass; each block is recomputed in the backward pass from its saved input.
+    /// Peak memory holds one block's activations instead of all of them, for one extra forward.
+    ///
+    /// `loss_fn` maps the final-norm hidden states `[batch, seq, hidden]` to a scalar loss
+    /// (apply the output head inside it, e.g. in chunks). Returns the loss and the gradients of
+    /// every trainable tensor (adapters) the blocks and `loss_fn` use — the same gradients a
+    /// plain `loss.backward()` gives.
+    pub fn checkpointed_backward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let eps = self.config.rms_norm_eps;
+        let (mut xs, ctx) = self.embed(input_ids, attention_mask, 0)?;
+        // Forward without graphs, saving each block's input and its adapters' RNG state so the
+        // recomputation draws the same dropout masks.
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let rng = layer.adapter_rng_states();
+            let input = xs.detach();
+            xs = layer.forward(&input, &ctx, eps, None)?.detach();
+            saved.push((input, rng));
         }
-        Ok(ops::rms_norm(&xs, &self.norm, self.config.rms_norm_eps)?)
+        let last = Var::from_tensor(&xs)?;
+        let hidden = ops::rms_norm(last.as_tensor(), &self.norm, eps)?;
+        let loss = loss_fn(&hidden)?;
+        let mut grads = loss.backward()?;
+        let mut upstream = grads.remove(last.as_tensor()).ok_or_else(|| {
+            Error::InvalidArgument("the loss does not depend on the model output".into())
+        })?;
+        for (layer, (input, rng)) in self.layers.iter().zip(saved).rev() {
+            layer.set_adapter_rng_states(&rng);
+            let x = Var::from_tensor(&input)?;
+            let y = layer.forward(x.as_tensor(), &ctx, eps, None)?;
+            // d(sum(y * g))/dθ = gᵀ dy/dθ: the chain rule through this block alone.
+            let mut block_grads = (y * &upstream)?.sum_all()?.backward()?;
+            let next = block_grads.remove(x.as_tensor());
+            let ids: Vec<_> = block_grads.get_ids().copied().collect();
+            for id in ids {
+                let g = block_grads.get_id(id).unwrap().clone();
+                match grads.get_id(id) {
+                    Some(prev) => {
+                        let sum = (prev + &g)?;
+                        grads.insert_id(id, sum);
+                    }
+                    None => {
+                        grads.insert_id(id, g);
+                    }
+                }
+            }
+            match next {
+                Some(g) => upstream = g,
+                // Nothing below this block is trainable through it.
+                None => break,
+            }
+        }
+        Ok((loss, grads))
     }
 
     /// Rotary tables for each row's positions and the additive attention mask.

@@ -36,6 +36,15 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     /// The term added to the base output for input rows `x` (`[rows, in_features]`, in the
     /// layer's compute dtype), or `None` when the adapter is currently disabled.
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>>;
+
+    /// The state of the adapter's random generator (dropout), if it has one; gradient
+    /// checkpointing restores it so a recomputed forward draws the same masks.
+    fn rng_state(&self) -> Option<u64> {
+        None
+    }
+
+    /// Restores a state from [`LinearAdapter::rng_state`].
+    fn set_rng_state(&self, _state: u64) {}
 }
 
 /// `y = x Wᵀ + b (+ adapter(x))`, with `W` dense or quantised.
