@@ -22,7 +22,7 @@ fetch-model:
 	@./scripts/fetch-model.sh models
 
 build:
-	cargo build --release
+	cargo build --release --features cli
 
 demo: fetch-model build
 	./target/release/qlora info --model default
@@ -34,10 +34,10 @@ reference: fetch-model
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features cli -- -D warnings
 
 unit-tests: fetch-model reference
-	cargo test --all-targets
+	cargo test --all-targets --features cli
 
 evcxr:
 	@./scripts/setup-evcxr.sh

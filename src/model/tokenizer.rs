@@ -240,7 +240,9 @@ impl Tokenizer {
         .map(|t| AddedToken::from(t.clone(), true).normalized(false))
         .collect();
         if !missing.is_empty() {
-            inner.add_special_tokens(missing);
+            inner.add_special_tokens(missing).map_err(|e| {
+                Error::tokenizer(source.clone(), format!("cannot add special tokens: {e}"))
+            })?;
         }
 
         let add_bos_token = if extras.add_bos_token.is_some() || extras.add_eos_token.is_some() {
