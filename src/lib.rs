@@ -21,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod rng;
+pub mod train;
 
 // The tensor library, re-exported so notebooks need only `:dep qlora`.
 pub use candle_core;

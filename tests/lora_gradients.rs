@@ -62,3 +62,32 @@ fn gradient_reaches_every_q_v_adapter() {
 fn gradient_reaches_every_all_linear_adapter() {
     check(&LoraConfig::qlora().all_linear().r(4), 7 * 30);
 }
+
+#[test]
+fn training_mode_with_dropout_backpropagates_on_the_gguf_base() {
+    let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
+    let peft = qlora::setup_qlora(model, &LoraConfig::qlora()).unwrap();
+    for (name, var) in peft.trainable_parameters() {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.01, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let ids = Tensor::new(
+        &[[1u32, 9690, 198, 2683, 359, 253, 5356, 5646]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let logits = peft.forward(&ids, None).unwrap();
+    let loss = candle_nn::loss::cross_entropy(
+        &logits.squeeze(0).unwrap().narrow(0, 0, 7).unwrap(),
+        &ids.squeeze(0).unwrap().narrow(0, 1, 7).unwrap(),
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in peft.trainable_parameters() {
+        if name.contains("lora_B") {
+            assert!(grads.get(var.as_tensor()).is_some(), "{name}");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 # OUT_DIR/nf4/   bitsandbytes 4-bit and int8 references (nf4_reference.py)
 # OUT_DIR/peft/  PEFT LoRA adapters, logits and counts over the tiny models (peft_reference.py)
 # OUT_DIR/bnb/   transformers + bitsandbytes 4-bit checkpoints of the tiny models (bnb_reference.py)
+# OUT_DIR/train/ AdamW, lr schedules, clip_grad_norm_ and ForCausalLMLoss (train_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -85,5 +86,11 @@ if fresh "$out/peft/index.json" "$peft_ref" "$here/requirements.txt" "$out/manif
     echo "make_all: PEFT references up to date" >&2
 else
     run peft_reference.py "$out/peft/index.json" "$py" "$peft_ref" "$out/peft" "$out"
+fi
+train_ref="$here/train_reference.py"
+if fresh "$out/train/index.json" "$train_ref" "$here/requirements.txt"; then
+    echo "make_all: training references up to date" >&2
+else
+    run train_reference.py "$out/train/index.json" "$py" "$train_ref" "$out/train"
 fi
 echo "make_all: reference data in $out" >&2
