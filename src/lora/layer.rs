@@ -207,6 +207,14 @@ impl LinearAdapter for LoraLayer {
         *self.rng.lock().unwrap() = SplitMix64::new(state);
     }
 
+    fn tensors(&self) -> Vec<Tensor> {
+        let s = self.state.read().unwrap();
+        s.adapters
+            .values()
+            .flat_map(|w| [w.a.as_tensor().clone(), w.b.as_tensor().clone()])
+            .collect()
+    }
+
     fn delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let s = self.state.read().unwrap();
         if !s.enabled || s.active.is_empty() {

@@ -162,6 +162,8 @@ impl PeftModel {
                 config.target_modules
             )));
         }
+        // New adapter matrices must not share ids with the base's tensors (notebooks).
+        self.model.decoder.reserve_tensor_ids();
         let mut rng = SplitMix64::new(self.seed.wrapping_add(self.configs.len() as u64 * 7919));
         for path in &targets {
             self.layer_for(path)?.add(name, config, &mut rng)?;
@@ -402,6 +404,7 @@ impl PeftModel {
             )));
         }
         let config = LoraConfig::from_file(&dir.join(ADAPTER_CONFIG_FILE))?;
+        self.model.decoder.reserve_tensor_ids();
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
         if !weights_path.is_file() {
             return Err(Error::weights(

@@ -380,6 +380,7 @@ impl Decoder {
                 )));
             }
         }
+        self.reserve_tensor_ids();
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
         let (mut xs, ctx) = self.embed(input_ids, attention_mask, past)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -387,6 +388,26 @@ impl Decoder {
             xs = layer.forward(&xs, &ctx, self.config.rms_norm_eps, c)?;
         }
         Ok(ops::rms_norm(&xs, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    /// Every long-lived tensor of the model (weights, biases, adapter matrices).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.embed_tokens.clone(), self.norm.clone()];
+        for layer in &self.layers {
+            out.push(layer.input_layernorm.clone());
+            out.push(layer.post_attention_layernorm.clone());
+            for (_, lin) in layer.linears() {
+                out.extend(lin.tensors());
+            }
+        }
+        out.extend(self.lm_head.tensors());
+        out
+    }
+
+    /// Makes tensors created from now on get ids above every model tensor's (needed in
+    /// notebooks; see [`crate::ops::ids`]).
+    pub fn reserve_tensor_ids(&self) {
+        ops::ids::reserve_ids_above(ops::ids::max_id(&self.tensors()));
     }
 
     /// Token embeddings and the per-call context (rotary tables, mask), after checking ids.
@@ -436,6 +457,7 @@ impl Decoder {
         loss_fn: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
         let eps = self.config.rms_norm_eps;
+        self.reserve_tensor_ids();
         let (mut xs, ctx) = self.embed(input_ids, attention_mask, 0)?;
         // Forward without graphs, saving each block's input and its adapters' RNG state so the
         // recomputation draws the same dropout masks.

@@ -45,6 +45,11 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
 
     /// Restores a state from [`LinearAdapter::rng_state`].
     fn set_rng_state(&self, _state: u64) {}
+
+    /// The long-lived tensors the adapter holds (see [`crate::ops::ids`]).
+    fn tensors(&self) -> Vec<Tensor> {
+        vec![]
+    }
 }
 
 /// `y = x Wᵀ + b (+ adapter(x))`, with `W` dense or quantised.
@@ -121,6 +126,18 @@ impl Linear {
             self.compute_dtype = w.dtype();
         }
         self.weight = weight;
+    }
+
+    /// The long-lived tensors of this layer: dense weight, bias, adapter matrices.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self.bias.iter().cloned().collect();
+        if let LinearWeight::Dense(w) = &self.weight {
+            out.push(w.clone());
+        }
+        if let Some(a) = &self.adapter {
+            out.extend(a.tensors());
+        }
+        out
     }
 
     /// The stored weight.

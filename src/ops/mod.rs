@@ -6,6 +6,7 @@
 //! A later step replaces them with custom ops that carry a hand-written backward for speed.
 
 pub mod ggml;
+pub mod ids;
 
 use candle_core::{DType, Result, Tensor, D};
 
