@@ -220,6 +220,9 @@ impl LinearAdapter for LoraLayer {
         if !s.enabled || s.active.is_empty() {
             return Ok(None);
         }
+        // This code may run on another cell's copy of candle than the caller (notebooks):
+        // new ids must come after the caller's newest one (see crate::ops::ids).
+        crate::ops::ids::reserve_ids_above(crate::ops::ids::tensor_id_value(x));
         let in_dtype = x.dtype();
         // Adapters train in f32 whatever the base computes in, as PEFT keeps them.
         let x32 = x.to_dtype(DType::F32)?;

@@ -251,6 +251,16 @@ impl Module for Linear {
         let in_features = *dims.last().expect("linear input has at least one dim");
         let rows = xs.elem_count() / in_features.max(1);
         let x2 = xs.reshape((rows, in_features))?;
+        // The adapter runs first: in a notebook its code (a trait object) may come from another
+        // cell's copy of candle, with its own tensor-id counter. Each side moves its counter
+        // past the other's newest id so the two never hand out the same id (see ops::ids).
+        let delta = match &self.adapter {
+            Some(a) => a.delta(&x2)?,
+            None => None,
+        };
+        if let Some(d) = &delta {
+            crate::ops::ids::reserve_ids_above(crate::ops::ids::tensor_id_value(d));
+        }
         let fused = match &self.weight {
             // Decoding a few rows without gradient: multiply straight from the blocks instead
             // of writing out the whole f32 weight (same numbers, ~an order of magnitude less
@@ -268,13 +278,7 @@ impl Module for Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let y = match self
-            .adapter
-            .as_ref()
-            .map(|a| a.delta(&x2))
-            .transpose()?
-            .flatten()
-        {
+        let y = match delta {
             Some(delta) => (y + delta)?,
             None => y,
         };
