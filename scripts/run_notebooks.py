@@ -26,6 +26,19 @@ def show_outputs(cell):
             print(data.get("text/plain", ""))
 
 
+def stderr_text(cell) -> str:
+    """What a cell wrote to stderr. evcxr reports a `?` error or a panic there (not as an
+    error output), so any stderr text fails the notebook unless the cell is tagged
+    `allow-stderr`."""
+    if "allow-stderr" in cell.get("metadata", {}).get("tags", []):
+        return ""
+    return "".join(
+        o.get("text", "")
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "stream" and o.get("name") == "stderr"
+    )
+
+
 def run(path: Path, out_dir: Path) -> bool:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -40,15 +53,15 @@ def run(path: Path, out_dir: Path) -> bool:
     except Exception as e:  # kernel died, timeout, ...
         print(f"   kernel failure: {type(e).__name__}: {e}")
         ok = False
-    if not ok:
-        for i, cell in enumerate(nb.cells):
-            if cell.cell_type != "code":
-                continue
-            errored = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
-            if errored:
-                print(f"--- cell {i} failed:\n{cell.source}\n--- its output:")
-                show_outputs(cell)
-                break
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        errored = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
+        if errored or stderr_text(cell):
+            ok = False
+            print(f"--- cell {i} failed:\n{cell.source}\n--- its output:")
+            show_outputs(cell)
+            break
     nbformat.write(nb, out_dir / path.name)
     print(f"   {'ok' if ok else 'FAILED'} in {time.time() - start:.0f} s: {path}")
     return ok
