@@ -51,22 +51,6 @@ fn bnb_dir() -> PathBuf {
     dir
 }
 
-fn ref_python() -> PathBuf {
-    let venv = std::env::var_os("QLORA_REF_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-                .join(".cache/qlora/ref-venv")
-        });
-    let py = venv.join("bin/python");
-    assert!(
-        py.is_file(),
-        "reference venv missing at {} (set QLORA_REF_VENV): run `make reference`",
-        venv.display()
-    );
-    py
-}
-
 fn load_decoder(dir: &Path, quant: Option<Quant4Config>, dtype: DType) -> qlora::Result<Decoder> {
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     let st = SafetensorsWeights::from_hf_dir(dir, &Device::Cpu)?.with_quantization(quant);
@@ -264,7 +248,7 @@ fn transformers_4bit_checkpoints_give_transformers_logits() {
 /// `Model::load` reads it back to the identical quantised weights.
 #[test]
 fn written_4bit_folder_loads_in_transformers() {
-    let py = ref_python();
+    let py = common::ref_python();
     let root = common::reference_dir();
     let tmp = tempfile::tempdir().unwrap();
     let mut report = Vec::new();

@@ -20,10 +20,10 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-impl Model {
-    /// transformers' `config.json` for this model.
-    pub fn hf_config_json(&self) -> Value {
-        let c = self.config();
+impl super::config::ModelConfig {
+    /// transformers 5's `config.json` for this configuration, declaring `dtype`.
+    pub fn to_hf_json(&self, dtype: DType) -> Value {
+        let c = self;
         let mut rope = json!({"rope_theta": c.rope_theta, "rope_type": "default"});
         match &c.rope_scaling {
             None => {}
@@ -60,10 +60,14 @@ impl Model {
             "rope_parameters": rope,
             "tie_word_embeddings": c.tie_word_embeddings,
             "hidden_act": "silu",
-            "dtype": dtype_name(self.decoder.dtype()),
+            "dtype": dtype_name(dtype),
             "bos_token_id": c.bos_token_id,
-            "eos_token_id": self.eos_token_ids.first(),
+            "eos_token_id": match c.eos_token_ids.as_slice() {
+                [one] => json!(one),
+                many => json!(many),
+            },
         });
+        // Qwen2's q/k/v biases are implied by the architecture; the others declare them.
         if c.architecture != super::Architecture::Qwen2 {
             cfg["attention_bias"] = c.attention_bias.into();
             cfg["mlp_bias"] = false.into();
@@ -71,6 +75,18 @@ impl Model {
         if let Some(w) = c.sliding_window {
             cfg["sliding_window"] = w.into();
         }
+        cfg
+    }
+}
+
+impl Model {
+    /// transformers' `config.json` for this model.
+    pub fn hf_config_json(&self) -> Value {
+        let mut cfg = self.config().to_hf_json(self.decoder.dtype());
+        cfg["eos_token_id"] = match self.eos_token_ids.as_slice() {
+            [one] => json!(one),
+            many => json!(many),
+        };
         cfg
     }
 

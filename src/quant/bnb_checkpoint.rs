@@ -961,37 +961,7 @@ fn config_json(
             }
         }
         _ => {
-            let mut rope = json!({"rope_theta": c.rope_theta, "rope_type": "default"});
-            if let Some(s) = &c.rope_scaling {
-                if let Value::Object(extra) = serde_json::to_value(s).expect("serialisable") {
-                    rope.as_object_mut().expect("object").extend(extra);
-                }
-            }
-            let mut o = json!({
-                "architectures": [c.architecture.hf_class()],
-                "model_type": c.architecture.model_type(),
-                "hidden_size": c.hidden_size,
-                "intermediate_size": c.intermediate_size,
-                "num_hidden_layers": c.num_hidden_layers,
-                "num_attention_heads": c.num_attention_heads,
-                "num_key_value_heads": c.num_key_value_heads,
-                "head_dim": c.head_dim,
-                "vocab_size": c.vocab_size,
-                "max_position_embeddings": c.max_position_embeddings,
-                "rms_norm_eps": c.rms_norm_eps,
-                "rope_parameters": rope,
-                "tie_word_embeddings": c.tie_word_embeddings,
-                "attention_bias": c.attention_bias,
-                "hidden_act": "silu",
-                "bos_token_id": c.bos_token_id,
-                "eos_token_id": match c.eos_token_ids.as_slice() {
-                    [one] => json!(one),
-                    many => json!(many),
-                },
-            });
-            if let Some(w) = c.sliding_window {
-                o["sliding_window"] = json!(w);
-            }
+            let o = c.to_hf_json(decoder.dtype());
             match o {
                 Value::Object(m) => m,
                 _ => unreachable!("json! object"),
