@@ -248,7 +248,11 @@ impl Module for Linear {
         // Flatten leading dims so the product is one 2-D matmul against the transposed weight
         // (candle's CPU gemm reads the transposed layout without a copy).
         let dims = xs.dims().to_vec();
-        let in_features = *dims.last().expect("linear input has at least one dim");
+        let Some(&in_features) = dims.last() else {
+            candle_core::bail!(
+                "a linear layer needs an input with at least one dimension, got a scalar"
+            );
+        };
         let rows = xs.elem_count() / in_features.max(1);
         let x2 = xs.reshape((rows, in_features))?;
         // The adapter runs first: in a notebook its code (a trait object) may come from another
