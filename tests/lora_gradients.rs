@@ -4,12 +4,19 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use qlora::lora::{get_peft_model, LoraConfig};
+use qlora::lora::{get_peft_model, LoraConfig, PeftModel};
 use qlora::model::Model;
 
 fn check(config: &LoraConfig, expected_modules: usize) -> (usize, usize) {
     let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
     let peft = get_peft_model(model, config).unwrap();
+    assert_every_adapter_gets_gradient(&peft, expected_modules);
+    peft.parameter_counts()
+}
+
+/// One next-token loss over a short chat-like sequence, backward, and every A and B matrix must
+/// hold a finite, nonzero gradient.
+fn assert_every_adapter_gets_gradient(peft: &PeftModel, expected_modules: usize) {
     // B starts at zero, so A's gradient is zero at init; give B values first.
     for (name, var) in peft.trainable_parameters() {
         if name.contains("lora_B") {
@@ -47,7 +54,6 @@ fn check(config: &LoraConfig, expected_modules: usize) -> (usize, usize) {
             "{name}: gradient norm² {norm}"
         );
     }
-    peft.parameter_counts()
 }
 
 #[test]
@@ -67,27 +73,5 @@ fn gradient_reaches_every_all_linear_adapter() {
 fn training_mode_with_dropout_backpropagates_on_the_gguf_base() {
     let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
     let peft = qlora::setup_qlora(model, &LoraConfig::qlora()).unwrap();
-    for (name, var) in peft.trainable_parameters() {
-        if name.contains("lora_B") {
-            var.set(&Tensor::randn(0f32, 0.01, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-    let ids = Tensor::new(
-        &[[1u32, 9690, 198, 2683, 359, 253, 5356, 5646]],
-        &Device::Cpu,
-    )
-    .unwrap();
-    let logits = peft.forward(&ids, None).unwrap();
-    let loss = candle_nn::loss::cross_entropy(
-        &logits.squeeze(0).unwrap().narrow(0, 0, 7).unwrap(),
-        &ids.squeeze(0).unwrap().narrow(0, 1, 7).unwrap(),
-    )
-    .unwrap();
-    let grads = loss.backward().unwrap();
-    for (name, var) in peft.trainable_parameters() {
-        if name.contains("lora_B") {
-            assert!(grads.get(var.as_tensor()).is_some(), "{name}");
-        }
-    }
+    assert_every_adapter_gets_gradient(&peft, 2 * 30);
 }
