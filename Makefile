@@ -38,6 +38,7 @@ lint:
 
 unit-tests: fetch-model reference
 	cargo test --all-targets --features cli
+	cargo test --doc
 
 evcxr:
 	@./scripts/setup-evcxr.sh
