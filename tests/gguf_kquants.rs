@@ -138,20 +138,15 @@ fn k_quant_gguf_matches_its_dequantised_dense_twin() {
         ["Q4_K", "Q5_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K"]
     );
     let ids = Tensor::new(&[[3u32, 77, 150, 299, 8, 42]], &dev).unwrap();
-    let a = from_gguf
-        .forward(&ids, None, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = from_dense
-        .forward(&ids, None, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let logits = |d: &Decoder| -> Vec<f32> {
+        d.forward(&ids, None, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (logits(&from_gguf), logits(&from_dense));
     let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "K-quant GGUF vs dense twin: {diff}");
     // Single-row decoding (the fused path) agrees too.

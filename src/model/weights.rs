@@ -225,13 +225,8 @@ impl SafetensorsWeights {
 
     /// A tensor by name, checked against `shape` (when non-empty) and converted to `dtype`.
     pub fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (path, st) = self.locate(name)?;
-        let t = st.load(name, &self.device).map_err(|e| {
-            Error::weights(
-                path,
-                format!("cannot read tensor `{name}`: {}", root_cause(&e)),
-            )
-        })?;
+        let (t, path) = self.raw(name)?;
+        let path = &path;
         if t.dtype() == DType::U8 {
             // A packed 4-bit weight whose quant state is gone would otherwise load as garbage.
             return Err(Error::weights(
