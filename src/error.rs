@@ -41,9 +41,26 @@ pub enum Error {
     #[error("model `{spec}` not found: {hint}")]
     ModelNotFound { spec: String, hint: String },
 
+    /// A dataset file or row is unreadable or does not fit the expected format; `source_name` is
+    /// the file (or the name a DataFrame was given), the message names the line/row and field.
+    #[error("dataset {source_name}: {message}")]
+    Data {
+        source_name: String,
+        message: String,
+    },
+
     /// A caller passed an argument that cannot work (wrong shape, bad range, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Training produced a NaN or infinite loss or gradient norm; nothing was updated at that
+    /// step and the last checkpoint is intact.
+    #[error("{0}")]
+    NonFinite(#[from] crate::train::NonFinite),
+
+    /// A training checkpoint is unreadable, incomplete, or made for another run.
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
 
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
@@ -71,6 +88,14 @@ impl Error {
     pub fn weights(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
         Error::Weights {
             path: path.as_ref().to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    /// A dataset error in `source_name` (a file or a DataFrame's name).
+    pub fn data(source_name: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Data {
+            source_name: source_name.into(),
             message: message.into(),
         }
     }

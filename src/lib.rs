@@ -13,6 +13,8 @@
 //! # Ok::<(), qlora::Error>(())
 //! ```
 
+pub mod data;
+pub mod demo;
 pub mod display;
 pub mod error;
 pub mod generate;
@@ -26,11 +28,14 @@ pub mod train;
 // The tensor library, re-exported so notebooks need only `:dep qlora`.
 pub use candle_core;
 pub use candle_nn;
+// The dataframe library, so notebooks can build a dataset for `SftDataset::from_frame`.
 pub use error::{Error, Result};
 pub use lora::setup_qlora;
+pub use polars;
 
 /// The names a notebook needs, in one import.
 pub mod prelude {
+    pub use crate::data::{ColumnMap, DataConfig, Format, Record, SftDataset};
     pub use crate::generate::{GenerationConfig, GenerationOutput};
     pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};

@@ -6,6 +6,8 @@ use std::fmt;
 
 use crate::model::{Model, ModelSource};
 
+pub mod plot;
+
 /// Escapes text for HTML.
 pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -305,6 +307,76 @@ impl crate::lora::PeftModel {
             }
         }
         emit_html(&html);
+    }
+}
+
+impl crate::train::TrainRun {
+    /// Summary rows: steps, losses, speed, outcome.
+    fn summary_rows(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "steps".to_string(),
+                format!(
+                    "{} of {}",
+                    self.history.last().map_or(0, |r| r.step),
+                    self.total_steps
+                ),
+            ),
+            (
+                "first → last loss".to_string(),
+                match (self.history.first(), self.history.last()) {
+                    (Some(a), Some(b)) => format!("{:.4} → {:.4}", a.loss, b.loss),
+                    _ => "—".to_string(),
+                },
+            ),
+        ];
+        if let Some((loss, step)) = self.best_eval {
+            rows.push((
+                "best eval loss".to_string(),
+                format!("{loss:.4} (step {step})"),
+            ));
+        }
+        rows.push((
+            "time".to_string(),
+            format!(
+                "{:.1} s, {:.0} tokens/s",
+                self.train_seconds,
+                self.tokens_per_sec()
+            ),
+        ));
+        let outcome = match &self.stop_reason {
+            crate::train::StopReason::Completed => "completed".to_string(),
+            crate::train::StopReason::EarlyStopped { step, best_step } => {
+                format!("early stopped at step {step}, adapter of step {best_step} restored")
+            }
+        };
+        rows.push(("outcome".to_string(), outcome));
+        if let Some(step) = self.resumed_from_step {
+            rows.push(("resumed after step".to_string(), step.to_string()));
+        }
+        if let Some(dir) = &self.output_dir {
+            rows.push(("saved to".to_string(), dir.display().to_string()));
+        }
+        rows
+    }
+
+    /// Shows the outcome and the loss plot in a notebook.
+    pub fn evcxr_display(&self) {
+        emit_html(&format!(
+            "<div>{}{}</div>",
+            key_value_table("training run", &self.summary_rows()),
+            self.loss_plot_svg()
+        ));
+    }
+}
+
+impl fmt::Display for crate::train::TrainRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "training run")?;
+        for (k, v) in self.summary_rows() {
+            writeln!(f, "  {k:<20} {v}")?;
+        }
+        Ok(())
     }
 }
 

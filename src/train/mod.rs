@@ -24,12 +24,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod checkpoint;
 pub mod clip;
+pub mod history;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
+pub use checkpoint::{latest_checkpoint, list_checkpoints, load_checkpoint};
 pub use clip::{clip_grad_norm, grad_norms, total_grad_norm, GradNorm, NonFinite};
+pub use history::{StepRecord, StopReason, TrainRun};
 pub use loss::{causal_lm_loss, LmLoss, LossOptions, IGNORE_INDEX};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::{LrSchedule, SchedulerType, Warmup};
+pub use trainer::{
+    evaluate_loss, train, train_with, Progress, ResumeFrom, TrainConfig, TrainEvent,
+};

@@ -7,6 +7,7 @@
 # OUT_DIR/peft/  PEFT LoRA adapters, logits and counts over the tiny models (peft_reference.py)
 # OUT_DIR/bnb/   transformers + bitsandbytes 4-bit checkpoints of the tiny models (bnb_reference.py)
 # OUT_DIR/train/ AdamW, lr schedules, clip_grad_norm_ and ForCausalLMLoss (train_reference.py)
+# OUT_DIR/data/  SFT datasets with TRL's input ids and completion masks (data_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -93,4 +94,6 @@ if fresh "$out/train/index.json" "$train_ref" "$here/requirements.txt"; then
 else
     run train_reference.py "$out/train/index.json" "$py" "$train_ref" "$out/train"
 fi
+data_ref="$here/data_reference.py"
+if fresh "$out/data/index.json" "$data_ref" "$here/requirements.txt" "$gguf_abs"; then echo "make_all: data references up to date" >&2; else run data_reference.py "$out/data/index.json" "$py" "$data_ref" "$gguf_abs" "$out/data"; fi
 echo "make_all: reference data in $out" >&2
