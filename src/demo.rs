@@ -31,6 +31,10 @@ pub const INTENTS: [&str; 6] = [
     "billing_question",
 ];
 
+/// The system message of every demo conversation (SmolLM2's template would otherwise insert its
+/// own, longer default).
+pub const SYSTEM_PROMPT: &str = "You turn customer support tickets into JSON records.";
+
 /// Urgency levels.
 pub const URGENCIES: [&str; 3] = ["low", "normal", "high"];
 
@@ -65,9 +69,15 @@ impl Ticket {
         )
     }
 
+    /// The conversation up to the answer: a short system message, then the ticket.
+    pub fn messages(&self) -> Vec<Message> {
+        vec![Message::system(SYSTEM_PROMPT), Message::user(self.prompt())]
+    }
+
     /// Prompt and answer as a chat example.
     pub fn to_record(&self) -> Record {
         Record::Chat(vec![
+            Message::system(SYSTEM_PROMPT),
             Message::user(self.prompt()),
             Message::assistant(self.target_json()),
         ])
@@ -300,13 +310,10 @@ pub fn evaluate_extraction(
     batch_size: usize,
 ) -> Result<ExtractionScores> {
     let start = Instant::now();
-    let config = GenerationConfig::greedy(48);
+    let config = GenerationConfig::greedy(40);
     let mut predictions = Vec::with_capacity(tickets.len());
     for chunk in tickets.chunks(batch_size.max(1)) {
-        let conversations: Vec<Vec<Message>> = chunk
-            .iter()
-            .map(|t| vec![Message::user(t.prompt())])
-            .collect();
+        let conversations: Vec<Vec<Message>> = chunk.iter().map(Ticket::messages).collect();
         let outputs = model.generate_chat_batch(&conversations, &config)?;
         for (t, o) in chunk.iter().zip(outputs) {
             predictions.push(score_output(t, &o.text));
@@ -353,8 +360,8 @@ impl Default for DemoConfig {
     fn default() -> Self {
         Self {
             model: "default".into(),
-            train_examples: 320,
-            test_examples: 60,
+            train_examples: 160,
+            test_examples: 40,
             lora: LoraConfig::qlora(),
             train: TrainConfig::default()
                 .epochs(1.0)

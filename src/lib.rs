@@ -32,6 +32,7 @@ pub use candle_nn;
 pub use error::{Error, Result};
 pub use lora::setup_qlora;
 pub use polars;
+pub use train::train;
 
 /// The names a notebook needs, in one import.
 pub mod prelude {
@@ -39,6 +40,7 @@ pub mod prelude {
     pub use crate::generate::{GenerationConfig, GenerationOutput};
     pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};
+    pub use crate::train::{train, ResumeFrom, SchedulerType, TrainConfig, TrainRun, Warmup};
     pub use crate::{Error, Result};
     pub use candle_core::{DType, Device, Tensor};
 }

@@ -67,10 +67,10 @@ enum Command {
         #[arg(long, default_value = "runs/demo")]
         output_dir: std::path::PathBuf,
         /// Generated training tickets.
-        #[arg(long, default_value_t = 320)]
+        #[arg(long, default_value_t = 160)]
         train_examples: usize,
         /// Held-out tickets.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 40)]
         test_examples: usize,
         #[arg(long, default_value_t = 1.0)]
         epochs: f64,

@@ -48,6 +48,7 @@ pub use batch::{collate, epoch_batches, Batch};
 pub use config::{ColumnMap, DataConfig, Format, COLUMN_ROLES};
 pub use read::RowLocation;
 pub use record::Record;
+
 pub use report::DataReport;
 pub use tokenize::TokenizedExample;
 
@@ -424,6 +425,29 @@ fn split(
         }
     }
     Ok((train, validation))
+}
+
+/// Writes `records` as JSON Lines (one [`Record::to_json`] object per line), atomically enough
+/// for datasets: a temporary file renamed into place.
+///
+/// ```no_run
+/// use qlora::data::{write_jsonl, Record};
+/// write_jsonl("train.jsonl", &[Record::prompt_completion("2+2?", "4")])?;
+/// # Ok::<(), qlora::Error>(())
+/// ```
+pub fn write_jsonl<'a>(
+    path: impl AsRef<Path>,
+    records: impl IntoIterator<Item = &'a Record>,
+) -> crate::Result<()> {
+    let path = path.as_ref();
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&r.to_json().to_string());
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -70,6 +70,28 @@ impl Record {
         Record::Text(text.into())
     }
 
+    /// The record as one JSON object in the column layout [`SftDataset::load`] reads back:
+    /// `{"messages": [...]}`, `{"prompt", "completion"}`, `{"instruction", "input", "output"}`
+    /// or `{"text"}`.
+    ///
+    /// [`SftDataset::load`]: super::SftDataset::load
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Record::Chat(messages) => serde_json::json!({ "messages": messages }),
+            Record::PromptCompletion { prompt, completion } => {
+                serde_json::json!({ "prompt": prompt, "completion": completion })
+            }
+            Record::Alpaca {
+                instruction,
+                input,
+                output,
+            } => {
+                serde_json::json!({ "instruction": instruction, "input": input, "output": output })
+            }
+            Record::Text(text) => serde_json::json!({ "text": text }),
+        }
+    }
+
     /// The format this record belongs to.
     pub fn format(&self) -> Format {
         match self {

@@ -178,6 +178,15 @@ impl Linear {
         }
     }
 
+    /// Whether the weight takes no gradient (quantised weights never do; a dense one does when it
+    /// is a variable).
+    fn weight_is_frozen(&self) -> bool {
+        match &self.weight {
+            LinearWeight::Dense(w) => !w.track_op(),
+            LinearWeight::Ggml(_) | LinearWeight::Quant4(_) => true,
+        }
+    }
+
     /// The device the layer computes on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -276,6 +285,10 @@ impl Module for Linear {
         };
         let y = match fused {
             Some(y) => y,
+            // Training: the weight is frozen, so only the input needs a gradient.
+            None if x2.track_op() && x2.device().is_cpu() && self.weight_is_frozen() => {
+                FrozenMatmul::apply(&x2, self)?
+            }
             None => x2.matmul(&self.dense_weight()?.t()?)?,
         };
         let y = match &self.bias {
@@ -289,6 +302,71 @@ impl Module for Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out_dims)
+    }
+}
+
+/// `x·Wᵀ` for a frozen `W`, differentiable in `x` only.
+///
+/// candle's own matmul backward also computes `∂L/∂W` (a second product as large as the forward
+/// one) and keeps the dense weight alive in the graph until the backward pass. Here the product
+/// is computed off the graph and re-attached through a custom op whose backward is `grad·W`, with
+/// `W` dequantised again from the layer's compact storage: no weight gradient, and no dense copy
+/// of the model held between forward and backward.
+struct FrozenMatmul {
+    weight: Linear,
+    /// The product, handed over once to `cpu_fwd` (taken, so the graph does not hold it twice).
+    output: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl FrozenMatmul {
+    fn apply(x: &Tensor, layer: &Linear) -> Result<Tensor> {
+        let product = x
+            .detach()
+            .matmul(&layer.dense_weight()?.t()?)?
+            .contiguous()?;
+        let op = FrozenMatmul {
+            // A weight-only twin of the layer: no adapter or bias to keep alive.
+            weight: Linear {
+                weight: layer.weight.clone(),
+                bias: None,
+                adapter: None,
+                compute_dtype: layer.compute_dtype,
+                device: layer.device.clone(),
+            },
+            output: std::sync::Mutex::new(Some(product)),
+        };
+        x.apply_op1_arc(Arc::new(Box::new(op)))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let product = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-linear: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: forward ran twice".into()))?;
+        let (storage, layout) = product.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) if layout.start_offset() == 0 => {
+                Ok((cpu.clone(), layout.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-linear: expected a contiguous CPU product"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.weight.dense_weight()?;
+        Ok(Some(grad.matmul(&w)?))
     }
 }
 

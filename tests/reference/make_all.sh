@@ -8,6 +8,7 @@
 # OUT_DIR/bnb/   transformers + bitsandbytes 4-bit checkpoints of the tiny models (bnb_reference.py)
 # OUT_DIR/train/ AdamW, lr schedules, clip_grad_norm_ and ForCausalLMLoss (train_reference.py)
 # OUT_DIR/data/  SFT datasets with TRL's input ids and completion masks (data_reference.py)
+# OUT_DIR/grad/  LoRA adapters with nonzero B, one batch's loss and torch autograd dL/dA, dL/dB (grad_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -96,4 +97,5 @@ else
 fi
 data_ref="$here/data_reference.py"
 if fresh "$out/data/index.json" "$data_ref" "$here/requirements.txt" "$gguf_abs"; then echo "make_all: data references up to date" >&2; else run data_reference.py "$out/data/index.json" "$py" "$data_ref" "$gguf_abs" "$out/data"; fi
+grad_ref="$here/grad_reference.py"; if fresh "$out/grad/index.json" "$grad_ref" "$here/requirements.txt" "$out/manifest.json"; then echo "make_all: LoRA gradient references up to date" >&2; else run grad_reference.py "$out/grad/index.json" "$py" "$grad_ref" "$out/grad" "$out"; fi
 echo "make_all: reference data in $out" >&2
