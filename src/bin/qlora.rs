@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, default_value = "runs/demo")]
         output_dir: std::path::PathBuf,
         /// Generated training tickets.
-        #[arg(long, default_value_t = 160)]
+        #[arg(long, default_value_t = 96)]
         train_examples: usize,
         /// Held-out tickets.
         #[arg(long, default_value_t = 40)]
