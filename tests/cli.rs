@@ -62,3 +62,58 @@ fn a_missing_model_is_a_clear_error() {
     assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn train_reports_bad_data_by_line_and_trains_on_good_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c\", \"completion\": \n",
+    )
+    .unwrap();
+    let tiny = common::reference_dir().join("llama");
+    let out = qlora()
+        .args(["train", "--plain", "--max-steps", "2", "--model"])
+        .arg(&tiny)
+        .arg("--data")
+        .arg(&bad)
+        .arg("--output-dir")
+        .arg(tmp.path().join("run-bad"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.jsonl") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+
+    // The same file with --skip-invalid-rows trains on the good row and writes the run.
+    let out = qlora()
+        .args([
+            "train",
+            "--plain",
+            "--max-steps",
+            "2",
+            "--skip-invalid-rows",
+            "--model",
+        ])
+        .arg(&tiny)
+        .arg("--data")
+        .arg(&bad)
+        .arg("--output-dir")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("step     2/2"), "{stdout}");
+    for name in ["adapter_model.safetensors", "history.csv", "loss.svg"] {
+        assert!(tmp.path().join("run").join(name).is_file(), "{name}");
+    }
+}

@@ -385,6 +385,29 @@ fn parquet_and_dataframes_read_like_jsonl() {
     .unwrap();
     assert_eq!(data.train[0].input_ids, want.train[0].input_ids);
     assert_eq!(trained_text(&data.train[1]), "Paris<|im_end|>\n");
+    // A filtered frame read from a large CSV (several chunks per column) keeps every row.
+    let csv = dir.join("big.csv");
+    let mut text = String::from("question,answer\n");
+    for i in 0..20_000 {
+        text.push_str(&format!("q{i},a{i}\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let big = CsvReadOptions::default()
+        .with_has_header(true)
+        .try_into_reader_with_file_path(Some(csv))
+        .unwrap()
+        .finish()
+        .unwrap();
+    let answers = big.column("answer").unwrap().str().unwrap().clone();
+    let keep: Vec<bool> = (0..answers.len())
+        .map(|i| answers.get(i).is_some_and(|a| a.ends_with('7')))
+        .collect();
+    let filtered = big
+        .filter(&BooleanChunked::from_slice("keep".into(), &keep))
+        .unwrap();
+    assert_eq!(filtered.height(), 2_000);
+    let data = SftDataset::from_frame(&filtered, "big", m, &config).unwrap();
+    assert_eq!(data.train.len(), 2_000);
     let err = err_of(SftDataset::from_frame(
         &frame,
         "df",

@@ -249,6 +249,9 @@ fn read_csv(path: &Path, name: &str) -> Result<Table> {
 pub(crate) fn frame_table(frame: &DataFrame, name: String, kind: SourceKind) -> Result<Table> {
     let mut buf = Vec::new();
     let mut frame = frame.clone();
+    // polars' NDJSON writer drops rows of a frame whose columns are split into several chunks
+    // (after a filter or vstack); one chunk per column writes them all.
+    frame.rechunk_mut();
     JsonWriter::new(&mut buf)
         .with_json_format(JsonFormat::JsonLines)
         .finish(&mut frame)
