@@ -9,6 +9,7 @@
 # OUT_DIR/train/ AdamW, lr schedules, clip_grad_norm_ and ForCausalLMLoss (train_reference.py)
 # OUT_DIR/data/  SFT datasets with TRL's input ids and completion masks (data_reference.py)
 # OUT_DIR/grad/  LoRA adapters with nonzero B, one batch's loss and torch autograd dL/dA, dL/dB (grad_reference.py)
+# OUT_DIR/dspy/  DSPy ChatAdapter messages, parses, random draws and optimiser demos (dspy_reference.py)
 # A generator is skipped when its last-written output is newer than the generator and
 # requirements.txt (and, for the GGUF, when it was made from the same GGUF file), so a
 # re-run costs only the venv check.
@@ -98,4 +99,5 @@ fi
 data_ref="$here/data_reference.py"
 if fresh "$out/data/index.json" "$data_ref" "$here/requirements.txt" "$gguf_abs"; then echo "make_all: data references up to date" >&2; else run data_reference.py "$out/data/index.json" "$py" "$data_ref" "$gguf_abs" "$out/data"; fi
 grad_ref="$here/grad_reference.py"; if fresh "$out/grad/index.json" "$grad_ref" "$here/requirements.txt" "$out/manifest.json"; then echo "make_all: LoRA gradient references up to date" >&2; else run grad_reference.py "$out/grad/index.json" "$py" "$grad_ref" "$out/grad" "$out"; fi
+dspy_ref="$here/dspy_reference.py"; if fresh "$out/dspy/index.json" "$dspy_ref" "$here/requirements.txt"; then echo "make_all: DSPy references up to date" >&2; else run dspy_reference.py "$out/dspy/index.json" "$py" "$dspy_ref" "$out/dspy"; fi
 echo "make_all: reference data in $out" >&2
