@@ -25,7 +25,7 @@ const GRAD_TOL: f32 = 1e-4;
 const LOSS_TOL: f64 = 1e-5;
 
 /// The cases grad_reference.py writes; each is one test below.
-const CASES: [&str; 7] = [
+const CASES: [&str; 9] = [
     "llama-qv",
     "llama-all-rslora",
     "qwen2-qv",
@@ -33,6 +33,8 @@ const CASES: [&str; 7] = [
     "mistral-all",
     "llama-tied-qv",
     "llama3-rope-all",
+    "llama-mts-head-norm",
+    "qwen2-mts-embed-k",
 ];
 
 fn grad_dir() -> PathBuf {
@@ -84,7 +86,7 @@ fn ours(peft: &PeftModel, ids: &Tensor, labels: &Tensor) -> (f32, BTreeMap<Strin
         .unwrap();
     let mut out = BTreeMap::new();
     for (name, var) in peft.trainable_parameters() {
-        let key = name.replace(".default.", ".");
+        let key = qlora::lora::saved_key(&name, "default");
         assert_ne!(
             key, name,
             "{name}: expected PEFT's in-memory `.default.` name"
@@ -115,7 +117,7 @@ fn check(case: &str) {
     let torch_keys: BTreeSet<&str> = reference
         .keys()
         .map(String::as_str)
-        .filter(|k| k.contains(".lora_"))
+        .filter(|k| k.starts_with("base_model.model."))
         .collect();
     assert!(
         !torch_keys.is_empty(),
@@ -237,4 +239,14 @@ fn llama_tied_embeddings_q_v() {
 #[test]
 fn llama3_rope_all_linear() {
     check("llama3-rope-all");
+}
+
+#[test]
+fn llama_modules_to_save_head_and_norms() {
+    check("llama-mts-head-norm");
+}
+
+#[test]
+fn qwen2_modules_to_save_embeddings_and_k_proj() {
+    check("qwen2-mts-embed-k");
 }

@@ -171,7 +171,7 @@ fn peft_trained_adapters_load_and_match_peft_logits() {
         let want = flat(&refs["logits"]);
         let want_merged = flat(&refs["merged_logits"]);
 
-        let peft =
+        let mut peft =
             match PeftModel::from_pretrained(load_base(base), dir.join(&case).join("adapter")) {
                 Ok(p) => p,
                 Err(e) => {
@@ -181,20 +181,40 @@ fn peft_trained_adapters_load_and_match_peft_logits() {
             };
         peft.eval();
 
-        // Every tensor in the file is attached somewhere, and nothing else is.
-        let file_modules: BTreeSet<String> = meta["adapter_tensors"]
+        // Every tensor in the file is attached somewhere, and nothing else is: LoRA pairs to
+        // adapted modules, other tensors to modules trained in full (modules_to_save).
+        let keys: Vec<&str> = meta["adapter_tensors"]
             .as_object()
             .unwrap()
             .keys()
-            .map(|k| {
-                let k = k.strip_prefix("base_model.model.").unwrap();
-                k[..k.rfind(".lora_").unwrap()].to_string()
-            })
+            .map(|k| k.strip_prefix("base_model.model.").unwrap())
+            .collect();
+        let file_modules: BTreeSet<String> = keys
+            .iter()
+            .filter_map(|k| k.rfind(".lora_").map(|at| k[..at].to_string()))
+            .collect();
+        let file_saved: BTreeSet<String> = keys
+            .iter()
+            .filter(|k| !k.contains(".lora_"))
+            .map(|k| k.to_string())
             .collect();
         let ours: BTreeSet<String> = peft.adapted_modules().map(str::to_string).collect();
         if ours != file_modules {
             failures.push(format!(
                 "{case}: adapted modules {ours:?} != the file's {file_modules:?}"
+            ));
+        }
+        let ours_saved: BTreeSet<String> = peft
+            .saved_modules()
+            .flat_map(|(path, m)| {
+                m.parameters()
+                    .iter()
+                    .map(move |(p, _)| format!("{path}.{p}"))
+            })
+            .collect();
+        if ours_saved != file_saved {
+            failures.push(format!(
+                "{case}: modules trained in full {ours_saved:?} != the file's {file_saved:?}"
             ));
         }
 
@@ -308,6 +328,34 @@ fn our_cases() -> Vec<(&'static str, &'static str, LoraConfig)> {
                 .target_modules(["q_proj", "v_proj"])
                 .gaussian_init(),
         ),
+        // Modules trained in full beside the adapters (PEFT's suffix rule: "norm" is every norm).
+        (
+            "llama-mts-head-norm",
+            "llama",
+            LoraConfig::default()
+                .r(4)
+                .lora_alpha(8.0)
+                .target_modules(["q_proj", "v_proj"])
+                .modules_to_save(["lm_head", "norm"]),
+        ),
+        (
+            "qwen2-mts-embed-k",
+            "qwen2",
+            LoraConfig::default()
+                .r(4)
+                .lora_alpha(8.0)
+                .target_modules(["q_proj", "v_proj"])
+                .modules_to_save(["embed_tokens", "k_proj"]),
+        ),
+        (
+            "llama-tied-mts-head",
+            "llama-tied",
+            LoraConfig::default()
+                .r(4)
+                .lora_alpha(8.0)
+                .target_modules(["q_proj", "v_proj"])
+                .modules_to_save(["lm_head"]),
+        ),
         // QLoRA recipe (dropout 0.05: eval mode must switch it off on both sides).
         ("llama-qlora-recipe", "llama", LoraConfig::qlora()),
     ]
@@ -341,8 +389,15 @@ fn make_ours(tmp: &Path) -> (Vec<Ours>, Vec<PathBuf>) {
                 var.set(&Tensor::from_vec(vals, var.shape(), var.device()).unwrap())
                     .unwrap();
             }
+            // A module trained in full starts as the base's copy: move it, so that PEFT must
+            // really load our values to agree.
+            if key.contains(".modules_to_save.") {
+                let vals = pseudo_random(var.elem_count(), (i * 1000 + j) as u64, 0.1);
+                let noise = Tensor::from_vec(vals, var.shape(), var.device()).unwrap();
+                var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+            }
             // PEFT's file key: the adapter name is stripped on save.
-            let file_key = key.replace(".default.weight", ".weight");
+            let file_key = qlora::lora::saved_key(&key, "default");
             tensors.insert(file_key, flat(var.as_tensor()));
         }
         assert!(!tensors.is_empty(), "{name}: no trainable parameters");
@@ -418,7 +473,7 @@ fn our_adapters_load_in_peft_with_equal_logits_tensors_and_config() {
         let loaded: BTreeSet<&str> = peft_out
             .keys()
             .map(String::as_str)
-            .filter(|k| k.contains(".lora_"))
+            .filter(|k| k.starts_with("base_model.model."))
             .collect();
         let held: BTreeSet<&str> = o.tensors.keys().map(String::as_str).collect();
         if loaded != held {

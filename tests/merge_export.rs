@@ -10,7 +10,7 @@ use qlora::model::{Message, Model};
 #[test]
 fn merged_export_loads_in_transformers_with_the_same_logits() {
     let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
-    let peft = get_peft_model(model, &LoraConfig::qlora().all_linear().r(4)).unwrap();
+    let mut peft = get_peft_model(model, &LoraConfig::qlora().all_linear().r(4)).unwrap();
     for (name, var) in peft.trainable_parameters() {
         if name.contains("lora_B") {
             var.set(&Tensor::randn(0f32, 0.02, var.shape(), &Device::Cpu).unwrap())

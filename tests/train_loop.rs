@@ -253,3 +253,122 @@ fn checkpoints_rotate_and_bad_configs_are_refused() {
         assert!(err.to_string().contains("TrainConfig."), "{err}");
     }
 }
+
+/// PEFT's `modules_to_save`: the head and the final norm are trained in full beside the LoRA
+/// matrices, resume restores them, the saved adapter reproduces the trained model, and the
+/// base's own parameters never change.
+#[test]
+fn modules_to_save_train_resume_and_leave_the_base_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = LoraConfig::qlora()
+        .r(4)
+        .modules_to_save(["lm_head", "model.norm"]);
+    let make = || {
+        let model = tiny_model();
+        let data = dataset(&model, 24, 0.0);
+        (PeftModel::new_seeded(model, &config, 7).unwrap(), data)
+    };
+    let ids =
+        candle_core::Tensor::new(&[[5u32, 17, 99, 200, 3, 64]], &candle_core::Device::Cpu).unwrap();
+    let logits = |m: &PeftModel| -> Vec<f32> {
+        m.forward(&ids, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let base_logits = {
+        let model = tiny_model();
+        model
+            .decoder
+            .forward(&ids, None, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+
+    let (mut a, data) = make();
+    let names: Vec<String> = a
+        .trainable_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(names.contains(&"base_model.model.lm_head.modules_to_save.default.weight".into()));
+    assert!(names.contains(&"base_model.model.model.norm.modules_to_save.default.weight".into()));
+    let head_before = a
+        .saved_modules()
+        .find(|(p, _)| *p == "lm_head")
+        .map(|(_, m)| m.parameters()[0].1.as_tensor().copy().unwrap())
+        .expect("lm_head is trained in full");
+    let train_config = quiet()
+        .max_steps(6)
+        .batch_size(4)
+        .learning_rate(2e-3)
+        .save_steps(2)
+        .output_dir(tmp.path().join("a"));
+    train(&mut a, &data, &train_config).unwrap();
+    let head_after = a
+        .saved_modules()
+        .find(|(p, _)| *p == "lm_head")
+        .map(|(_, m)| m.parameters()[0].1.as_tensor().clone())
+        .unwrap();
+    let moved = (head_after - head_before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        moved > 1e-4,
+        "the lm_head copy did not train (moved {moved})"
+    );
+
+    // With adapters disabled the model is exactly the base: its originals were never written.
+    let trained = logits(&a);
+    a.disable_adapters();
+    assert_eq!(logits(&a), base_logits);
+    a.enable_adapters();
+    assert_eq!(logits(&a), trained);
+
+    // The saved adapter (with the full copies) reproduces the trained model.
+    let reloaded = PeftModel::from_pretrained(tiny_model(), tmp.path().join("a")).unwrap();
+    let d = common::max_abs_diff(&logits(&reloaded), &trained);
+    assert!(d < 1e-5, "reloaded logits differ by {d}");
+
+    // Resuming from step 2 restores the copies and their optimiser state too.
+    let (mut b, _) = make();
+    let resumed = train_config
+        .clone()
+        .output_dir(tmp.path().join("b"))
+        .resume_from(ResumeFrom::Path(tmp.path().join("a/checkpoint-2")));
+    train(&mut b, &data, &resumed).unwrap();
+    let diff = common::max_abs_diff(&adapter_values(&a), &adapter_values(&b));
+    assert!(diff < 1e-6, "resumed run differs by {diff}");
+}
+
+#[test]
+fn bad_modules_to_save_are_named() {
+    let err = PeftModel::new_seeded(
+        tiny_model(),
+        &LoraConfig::qlora().modules_to_save(["mlp"]),
+        0,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("`mlp` matches no module"), "{err}");
+    let err = PeftModel::new_seeded(
+        tiny_model(),
+        &LoraConfig::qlora().modules_to_save(["q_proj"]),
+        0,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("both a LoRA target")
+            && err.to_string().contains("model.layers.0.self_attn.q_proj"),
+        "{err}"
+    );
+}

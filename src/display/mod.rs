@@ -297,6 +297,10 @@ impl crate::lora::PeftModel {
                 .collect::<Vec<_>>()
                 .join(", "),
         ));
+        let saved: Vec<&str> = self.saved_modules().map(|(p, _)| p).collect();
+        if !saved.is_empty() {
+            rows.push(("trained in full".to_string(), saved.join(", ")));
+        }
         let mut html = key_value_table("PeftModel", &rows);
         for name in self.adapter_names() {
             if let Some(cfg) = self.config(&name) {

@@ -91,7 +91,8 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     #[serde(default = "init_true")]
     pub init_lora_weights: InitLoraWeights,
-    /// Modules trained in full beside the adapters (not supported yet: must be empty).
+    /// Modules trained in full beside the adapters (PEFT's rule: every module whose name ends
+    /// with one of these strings, e.g. `["lm_head", "embed_tokens"]` after adding tokens).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// Only these layer indices get adapters.
@@ -194,6 +195,11 @@ impl LoraConfig {
         self.lora_dropout = p;
         self
     }
+    /// Trains these modules in full beside the adapters (`["lm_head", "embed_tokens"]`).
+    pub fn modules_to_save<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.modules_to_save = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
     /// Targets modules by name (`["q_proj", "v_proj"]`).
     pub fn target_modules<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
         self.target_modules = Some(TargetModules::List(
@@ -269,8 +275,10 @@ impl LoraConfig {
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
             return bad("rank_pattern / alpha_pattern are not supported yet".into());
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return bad("modules_to_save is not supported yet; leave it empty".into());
+        if let Some(names) = &self.modules_to_save {
+            if names.iter().any(|n| n.is_empty()) {
+                return bad("modules_to_save has an empty name".into());
+            }
         }
         if let InitLoraWeights::Name(n) = &self.init_lora_weights {
             if n != "gaussian" {
@@ -306,6 +314,15 @@ impl LoraConfig {
                 .map(|re| re.is_match(name))
                 .unwrap_or(false),
         }
+    }
+
+    /// Whether module `name` (e.g. `lm_head`, `model.layers.0.input_layernorm`) is trained in
+    /// full: PEFT's plain suffix match, so `"norm"` selects every norm of the model.
+    pub fn saves_module(&self, name: &str) -> bool {
+        self.modules_to_save
+            .iter()
+            .flatten()
+            .any(|suffix| name.ends_with(suffix.as_str()))
     }
 
     /// Reads `adapter_config.json`.

@@ -14,10 +14,12 @@
 pub mod config;
 pub mod layer;
 pub mod model;
+pub mod modules_to_save;
 
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use layer::{LoraLayer, LoraWeights};
 pub use model::{get_peft_model, PeftModel, DEFAULT_ADAPTER};
+pub use modules_to_save::{saved_key, SavedModule};
 
 use crate::model::Model;
 use crate::Result;

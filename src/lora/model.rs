@@ -9,8 +9,9 @@ use candle_core::{DType, Tensor, Var};
 
 use super::config::LoraConfig;
 use super::layer::{LoraLayer, LoraWeights, SplitMix64};
+use super::modules_to_save::{in_memory_name, SavedModule};
 use crate::model::linear::{LinearAdapter, LinearWeight};
-use crate::model::Model;
+use crate::model::{Model, ModuleState};
 use crate::{Error, Result};
 
 /// PEFT's name for the first adapter.
@@ -36,6 +37,12 @@ pub struct PeftModel {
     frozen: bool,
     /// Recompute block activations in the backward pass instead of storing them.
     gradient_checkpointing: bool,
+    /// Adapter → module path → its trainable full copy (`modules_to_save`).
+    saved: BTreeMap<String, BTreeMap<String, SavedModule>>,
+    /// The base's own parameters of every module some adapter trains in full.
+    originals: BTreeMap<String, ModuleState>,
+    /// Adapters switched on (`disable_adapters` turns them off).
+    enabled: bool,
 }
 
 /// `module path → (layer index)` for every adaptable linear layer of the decoder.
@@ -78,6 +85,9 @@ impl PeftModel {
             seed,
             frozen: false,
             gradient_checkpointing: false,
+            saved: BTreeMap::new(),
+            originals: BTreeMap::new(),
+            enabled: true,
         }
     }
 
@@ -111,6 +121,84 @@ impl PeftModel {
     /// Module paths that carry adapters.
     pub fn adapted_modules(&self) -> impl Iterator<Item = &str> {
         self.layers.keys().map(String::as_str)
+    }
+
+    /// Modules the active adapter trains in full (`modules_to_save`), by path.
+    pub fn saved_modules(&self) -> impl Iterator<Item = (&str, &SavedModule)> {
+        self.saved
+            .get(&self.active)
+            .into_iter()
+            .flatten()
+            .map(|(p, m)| (p.as_str(), m))
+    }
+
+    /// Puts into the decoder, for every module some adapter trains in full, the active
+    /// adapter's copy — or the original when that adapter has none or adapters are disabled.
+    fn sync_saved_modules(&mut self) -> Result<()> {
+        let copies = self.saved.get(&self.active);
+        for (path, original) in &self.originals {
+            let state = match copies.and_then(|c| c.get(path)) {
+                Some(copy) if self.enabled => copy.state(false)?,
+                _ => original.clone(),
+            };
+            self.model.decoder.set_module_state(path, state)?;
+        }
+        Ok(())
+    }
+
+    /// The leaf modules `config.modules_to_save` selects (PEFT's suffix rule), checked: each
+    /// name must select something, and nothing may also carry a LoRA adapter of `config`.
+    fn modules_to_save_paths(
+        &self,
+        config: &LoraConfig,
+        lora_targets: &[String],
+    ) -> Result<Vec<String>> {
+        let leaves = self.model.decoder.leaf_modules();
+        let mut out = Vec::new();
+        for name in config.modules_to_save.iter().flatten() {
+            let matched: Vec<&String> = leaves
+                .iter()
+                .filter(|p| p.ends_with(name.as_str()))
+                .collect();
+            if matched.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "modules_to_save: `{name}` matches no module of the model; name a module that holds \
+                     parameters: embed_tokens, lm_head, norm, input_layernorm, \
+                     post_attention_layernorm, or a linear layer such as k_proj"
+                )));
+            }
+            for path in matched {
+                if lora_targets.contains(path) {
+                    return Err(Error::InvalidArgument(format!(
+                        "`{path}` is both a LoRA target (target_modules) and in modules_to_save \
+                         (`{name}`); a module either gets an adapter or is trained in full"
+                    )));
+                }
+                if !out.contains(path) {
+                    out.push(path.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records the base's parameters of `paths` (once) and puts every original back into the
+    /// decoder, so copies are made from the base and never from another adapter's copy.
+    fn restore_originals(&mut self, paths: &[String]) -> Result<()> {
+        for path in paths {
+            if !self.originals.contains_key(path) {
+                let state = self.model.decoder.module_state(path).ok_or_else(|| {
+                    Error::InvalidArgument(format!("the model has no module `{path}`"))
+                })?;
+                self.originals.insert(path.clone(), state);
+            }
+        }
+        for (path, original) in &self.originals {
+            self.model
+                .decoder
+                .set_module_state(path, original.clone())?;
+        }
+        Ok(())
     }
 
     /// The LoRA layer attached to a module path, if any.
@@ -164,9 +252,22 @@ impl PeftModel {
         }
         // New adapter matrices must not share ids with the base's tensors (notebooks).
         self.model.decoder.reserve_tensor_ids();
+        let to_save = self.modules_to_save_paths(config, &targets)?;
         let mut rng = SplitMix64::new(self.seed.wrapping_add(self.configs.len() as u64 * 7919));
         for path in &targets {
             self.layer_for(path)?.add(name, config, &mut rng)?;
+        }
+        if !to_save.is_empty() {
+            self.restore_originals(&to_save)?;
+            let mut copies = BTreeMap::new();
+            for path in &to_save {
+                let dense = self.model.decoder.module_parameters(path)?;
+                copies.insert(
+                    path.clone(),
+                    SavedModule::copy_of(&self.originals[path], dense)?,
+                );
+            }
+            self.saved.insert(name.to_string(), copies);
         }
         let mut cfg = config.clone();
         cfg.base_model_name_or_path
@@ -187,7 +288,7 @@ impl PeftModel {
             l.set_active(&[name.to_string()]);
         }
         self.active = name.to_string();
-        Ok(())
+        self.sync_saved_modules()
     }
 
     /// Removes adapter `name`.
@@ -198,17 +299,26 @@ impl PeftModel {
         for l in self.layers.values() {
             l.remove(name);
         }
-        Ok(())
+        self.saved.remove(name);
+        self.sync_saved_modules()
     }
 
-    /// Runs the base model alone until [`PeftModel::enable_adapters`].
-    pub fn disable_adapters(&self) {
+    /// Runs the base model alone (originals in place of modules trained in full) until
+    /// [`PeftModel::enable_adapters`].
+    pub fn disable_adapters(&mut self) {
         self.layers.values().for_each(|l| l.set_enabled(false));
+        self.enabled = false;
+        // Shapes were checked when each copy was made, so swapping cannot fail.
+        self.sync_saved_modules()
+            .expect("modules_to_save copies match their originals");
     }
 
     /// Undoes [`PeftModel::disable_adapters`].
-    pub fn enable_adapters(&self) {
+    pub fn enable_adapters(&mut self) {
         self.layers.values().for_each(|l| l.set_enabled(true));
+        self.enabled = true;
+        self.sync_saved_modules()
+            .expect("modules_to_save copies match their originals");
     }
 
     /// Training mode: adapter dropout on.
@@ -270,6 +380,11 @@ impl PeftModel {
                 out.push((format!("{p}.lora_B.{}.weight", self.active), w.b));
             }
         }
+        for (path, module) in self.saved_modules() {
+            for (param, var) in module.parameters() {
+                out.push((in_memory_name(path, &self.active, param), var.clone()));
+            }
+        }
         out
     }
 
@@ -292,7 +407,17 @@ impl PeftModel {
                     .collect::<Vec<_>>()
             })
             .sum();
-        (trainable, self.model.decoder.num_parameters() + adapters)
+        // PEFT counts each adapter's full copy beside the original it keeps.
+        let copies: usize = self
+            .saved
+            .values()
+            .flat_map(|m| m.values())
+            .map(SavedModule::num_parameters)
+            .sum();
+        (
+            trainable,
+            self.model.decoder.num_parameters() + adapters + copies,
+        )
     }
 
     /// PEFT's `print_trainable_parameters()` line.
@@ -332,24 +457,29 @@ impl PeftModel {
             .get(name)
             .ok_or_else(|| Error::InvalidArgument(format!("no adapter named `{name}`")))?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        // Every saved tensor as f32 little-endian bytes, under PEFT's file key.
+        let mut named: Vec<(String, Var)> = Vec::new();
         for (path, layer) in &self.layers {
             if let Some(w) = layer.weights(name) {
-                for (kind, var) in [("lora_A", &w.a), ("lora_B", &w.b)] {
-                    let t = var.as_tensor().to_dtype(DType::F32)?;
-                    let bytes: Vec<u8> = t
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect();
-                    tensors.push((
-                        format!("base_model.model.{path}.{kind}.weight"),
-                        t.dims().to_vec(),
-                        bytes,
-                    ));
-                }
+                named.push((format!("base_model.model.{path}.lora_A.weight"), w.a));
+                named.push((format!("base_model.model.{path}.lora_B.weight"), w.b));
             }
+        }
+        for (path, module) in self.saved.get(name).into_iter().flatten() {
+            for (param, var) in module.parameters() {
+                named.push((format!("base_model.model.{path}.{param}"), var.clone()));
+            }
+        }
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (key, var) in named {
+            let t = var.as_tensor().to_dtype(DType::F32)?;
+            let bytes: Vec<u8> = t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            tensors.push((key, t.dims().to_vec(), bytes));
         }
         let views = tensors
             .iter()
@@ -424,12 +554,35 @@ impl PeftModel {
             })?;
         // Group A and B by module path, rejecting anything we can't place.
         let known: BTreeMap<String, usize> = module_paths(&self.model).into_iter().collect();
+        let lora_targets: Vec<String> = known
+            .iter()
+            .filter(|(p, i)| config.targets(p, **i))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let to_save = self
+            .modules_to_save_paths(&config, &lora_targets)
+            .map_err(|e| Error::weights(&weights_path, e.to_string()))?;
         let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        let mut full: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
         for (key, t) in tensors {
+            let saved_param = key
+                .strip_prefix("base_model.model.")
+                .and_then(|k| k.rsplit_once('.'))
+                .filter(|(path, _)| to_save.iter().any(|p| p == path));
+            if let Some((path, param)) = saved_param {
+                full.entry(path.to_string())
+                    .or_default()
+                    .insert(param.to_string(), t);
+                continue;
+            }
             let (path, kind) = parse_adapter_key(&key).ok_or_else(|| {
                 Error::weights(
                     &weights_path,
-                    format!("tensor `{key}` is not a LoRA A/B weight of a decoder linear layer"),
+                    format!(
+                        "tensor `{key}` is neither a LoRA A/B weight of a decoder linear layer nor \
+                         a parameter of a module in modules_to_save {:?}",
+                        config.modules_to_save.as_deref().unwrap_or_default()
+                    ),
                 )
             })?;
             if !known.contains_key(&path) {
@@ -481,6 +634,18 @@ impl PeftModel {
                 )
             })?;
         }
+        if !to_save.is_empty() {
+            self.restore_originals(&to_save)?;
+            let mut copies = BTreeMap::new();
+            for path in &to_save {
+                let dense = self.model.decoder.module_parameters(path)?;
+                let loaded = full.remove(path).unwrap_or_default();
+                let copy = SavedModule::from_loaded(path, &self.originals[path], dense, &loaded)
+                    .map_err(|m| Error::weights(&weights_path, m))?;
+                copies.insert(path.clone(), copy);
+            }
+            self.saved.insert(name.to_string(), copies);
+        }
         self.configs.insert(name.to_string(), config);
         self.set_adapter(name)
     }
@@ -492,6 +657,15 @@ impl PeftModel {
         let active = self.active.clone();
         for layer in self.layers.values() {
             layer.set_active(std::slice::from_ref(&active));
+        }
+        // Modules trained in full: the active adapter's copy replaces the module, as plain
+        // tensors (PEFT's merge keeps the trained copy).
+        for (path, original) in &self.originals {
+            let state = match self.saved.get(&active).and_then(|c| c.get(path)) {
+                Some(copy) => copy.state(true)?,
+                None => original.clone(),
+            };
+            self.model.decoder.set_module_state(path, state)?;
         }
         for (i, block) in self.model.decoder.layers.iter_mut().enumerate() {
             for (name, lin) in block.linears_mut() {

@@ -8,7 +8,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::config::ModelConfig;
-use super::linear::Linear;
+use super::linear::{Linear, LinearWeight};
 use super::weights::WeightSource;
 use crate::ops;
 use crate::{Error, Result};
@@ -103,6 +103,29 @@ struct Context {
     mask: Option<Tensor>,
 }
 
+/// How one leaf module stores its parameters: a linear layer (weight in any storage, optional
+/// bias) or a single `weight` tensor (embeddings, norms). Saved and restored as is, so a module
+/// trained in full (PEFT's `modules_to_save`) can be swapped in and out of the decoder without
+/// touching its quantised original.
+#[derive(Debug, Clone)]
+pub enum ModuleState {
+    Linear {
+        weight: LinearWeight,
+        bias: Option<Tensor>,
+    },
+    Tensor(Tensor),
+}
+
+enum ModuleRef<'a> {
+    Linear(&'a Linear),
+    Tensor(&'a Tensor),
+}
+
+enum ModuleMut<'a> {
+    Linear(&'a mut Linear),
+    Tensor(&'a mut Tensor),
+}
+
 /// The whole decoder: embeddings, blocks, final norm and output head.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -114,6 +137,20 @@ pub struct Decoder {
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
+}
+
+/// Adds every gradient of `more` into `into` (summing where both have one).
+fn add_grads(into: &mut GradStore, more: &GradStore) -> Result<()> {
+    let ids: Vec<_> = more.get_ids().copied().collect();
+    for id in ids {
+        let g = more.get_id(id).expect("listed id").clone();
+        let sum = match into.get_id(id) {
+            Some(prev) => (prev + &g)?,
+            None => g,
+        };
+        into.insert_id(id, sum);
+    }
+    Ok(())
 }
 
 /// Repeats each key/value head `groups` times so grouped-query attention can use a plain
@@ -324,6 +361,135 @@ impl Decoder {
         })
     }
 
+    /// Every leaf module that holds parameters, with transformers' names, in the order
+    /// transformers lists them: `model.embed_tokens`, each block's linear layers and norms,
+    /// `model.norm`, `lm_head`.
+    pub fn leaf_modules(&self) -> Vec<String> {
+        let mut out = vec!["model.embed_tokens".to_string()];
+        for i in 0..self.layers.len() {
+            out.extend(
+                self.layers[i]
+                    .linears()
+                    .iter()
+                    .map(|(name, _)| format!("model.layers.{i}.{name}")),
+            );
+            out.push(format!("model.layers.{i}.input_layernorm"));
+            out.push(format!("model.layers.{i}.post_attention_layernorm"));
+        }
+        out.push("model.norm".to_string());
+        out.push("lm_head".to_string());
+        out
+    }
+
+    fn module_mut(&mut self, path: &str) -> Option<ModuleMut<'_>> {
+        match path {
+            "model.embed_tokens" => return Some(ModuleMut::Tensor(&mut self.embed_tokens)),
+            "model.norm" => return Some(ModuleMut::Tensor(&mut self.norm)),
+            "lm_head" => return Some(ModuleMut::Linear(&mut self.lm_head)),
+            _ => {}
+        }
+        let rest = path.strip_prefix("model.layers.")?;
+        let (idx, name) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(idx.parse::<usize>().ok()?)?;
+        match name {
+            "input_layernorm" => Some(ModuleMut::Tensor(&mut layer.input_layernorm)),
+            "post_attention_layernorm" => {
+                Some(ModuleMut::Tensor(&mut layer.post_attention_layernorm))
+            }
+            _ => layer
+                .linears_mut()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, l)| ModuleMut::Linear(l)),
+        }
+    }
+
+    fn module_ref(&self, path: &str) -> Option<ModuleRef<'_>> {
+        match path {
+            "model.embed_tokens" => return Some(ModuleRef::Tensor(&self.embed_tokens)),
+            "model.norm" => return Some(ModuleRef::Tensor(&self.norm)),
+            "lm_head" => return Some(ModuleRef::Linear(&self.lm_head)),
+            _ => {}
+        }
+        let rest = path.strip_prefix("model.layers.")?;
+        let (idx, name) = rest.split_once('.')?;
+        let layer = self.layers.get(idx.parse::<usize>().ok()?)?;
+        match name {
+            "input_layernorm" => Some(ModuleRef::Tensor(&layer.input_layernorm)),
+            "post_attention_layernorm" => Some(ModuleRef::Tensor(&layer.post_attention_layernorm)),
+            _ => layer
+                .linears()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, l)| ModuleRef::Linear(l)),
+        }
+    }
+
+    /// The stored parameters of leaf module `path` (see [`Self::leaf_modules`]), or `None` when
+    /// the decoder has no such module.
+    pub fn module_state(&self, path: &str) -> Option<ModuleState> {
+        self.module_ref(path).map(|m| match m {
+            ModuleRef::Linear(l) => ModuleState::Linear {
+                weight: l.weight().clone(),
+                bias: l.bias().cloned(),
+            },
+            ModuleRef::Tensor(t) => ModuleState::Tensor(t.clone()),
+        })
+    }
+
+    /// The parameters of leaf module `path` as dense tensors in the compute dtype, named as
+    /// transformers names them (`weight`, `bias`); quantised weights are dequantised.
+    pub fn module_parameters(&self, path: &str) -> Result<Vec<(&'static str, Tensor)>> {
+        match self.module_ref(path) {
+            None => Err(Error::InvalidArgument(format!(
+                "the model has no module `{path}`"
+            ))),
+            Some(ModuleRef::Tensor(t)) => Ok(vec![("weight", t.clone())]),
+            Some(ModuleRef::Linear(l)) => {
+                let mut out = vec![("weight", l.dense_weight()?)];
+                out.extend(l.bias().map(|b| ("bias", b.clone())));
+                Ok(out)
+            }
+        }
+    }
+
+    /// Replaces the parameters of leaf module `path`; shapes must match and a linear layer keeps
+    /// its adapter.
+    pub fn set_module_state(&mut self, path: &str, state: ModuleState) -> Result<()> {
+        let bad = |what: String| Error::InvalidArgument(format!("module `{path}`: {what}"));
+        match (self.module_mut(path), state) {
+            (None, _) => Err(bad("the model has no such module".into())),
+            (Some(ModuleMut::Tensor(slot)), ModuleState::Tensor(t)) => {
+                if t.dims() != slot.dims() {
+                    return Err(bad(format!(
+                        "weight has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        slot.dims()
+                    )));
+                }
+                *slot = t;
+                Ok(())
+            }
+            (Some(ModuleMut::Linear(lin)), ModuleState::Linear { weight, bias }) => {
+                let before = lin.shape();
+                let old = lin.weight().clone();
+                lin.set_weight(weight);
+                if lin.shape() != before {
+                    let after = lin.shape();
+                    lin.set_weight(old);
+                    return Err(bad(format!(
+                        "weight has shape {after:?}, the model needs {before:?}"
+                    )));
+                }
+                lin.set_bias(bias);
+                Ok(())
+            }
+            (Some(_), _) => Err(bad(
+                "a linear layer needs a linear state, a norm or embedding a tensor".into(),
+            )),
+        }
+    }
+
     /// The dtype activations are computed in.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -458,7 +624,8 @@ impl Decoder {
     ) -> Result<(Tensor, GradStore)> {
         let eps = self.config.rms_norm_eps;
         self.reserve_tensor_ids();
-        let (mut xs, ctx) = self.embed(input_ids, attention_mask, 0)?;
+        let (embedded, ctx) = self.embed(input_ids, attention_mask, 0)?;
+        let mut xs = embedded.detach();
         // Forward without graphs, saving each block's input and its adapters' RNG state so the
         // recomputation draws the same dropout masks.
         let mut saved = Vec::with_capacity(self.layers.len());
@@ -482,24 +649,17 @@ impl Decoder {
             // d(sum(y * g))/dθ = gᵀ dy/dθ: the chain rule through this block alone.
             let mut block_grads = (y * &upstream)?.sum_all()?.backward()?;
             let next = block_grads.remove(x.as_tensor());
-            let ids: Vec<_> = block_grads.get_ids().copied().collect();
-            for id in ids {
-                let g = block_grads.get_id(id).unwrap().clone();
-                match grads.get_id(id) {
-                    Some(prev) => {
-                        let sum = (prev + &g)?;
-                        grads.insert_id(id, sum);
-                    }
-                    None => {
-                        grads.insert_id(id, g);
-                    }
-                }
-            }
+            add_grads(&mut grads, &block_grads)?;
             match next {
                 Some(g) => upstream = g,
                 // Nothing below this block is trainable through it.
-                None => break,
+                None => return Ok((loss, grads)),
             }
+        }
+        // A trainable embedding table (PEFT's modules_to_save) takes the rest of the chain.
+        if embedded.track_op() {
+            let embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
+            add_grads(&mut grads, &embed_grads)?;
         }
         Ok((loss, grads))
     }

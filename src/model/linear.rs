@@ -128,6 +128,24 @@ impl Linear {
         self.weight = weight;
     }
 
+    /// The weight and bias when they are trainable variables (a module trained in full), for
+    /// code that computes their gradient apart from the graph (the chunked loss).
+    pub fn variables(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        if let LinearWeight::Dense(w) = &self.weight {
+            if w.is_variable() {
+                out.push(w.clone());
+            }
+        }
+        out.extend(self.bias.iter().filter(|b| b.is_variable()).cloned());
+        out
+    }
+
+    /// Replaces the bias (or removes it with `None`).
+    pub fn set_bias(&mut self, bias: Option<Tensor>) {
+        self.bias = bias;
+    }
+
     /// The long-lived tensors of this layer: dense weight, bias, adapter matrices.
     pub fn tensors(&self) -> Vec<Tensor> {
         let mut out: Vec<Tensor> = self.bias.iter().cloned().collect();

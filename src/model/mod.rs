@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use chat_template::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use decoder::{Decoder, KvCache};
+pub use decoder::{Decoder, KvCache, ModuleState};
 pub use linear::{Linear, LinearWeight};
 pub use source::{ModelSource, DEFAULT_MODEL_FILE};
 pub use tokenizer::Tokenizer;

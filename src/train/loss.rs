@@ -13,10 +13,14 @@
 //! chunk's graph is dropped. The returned loss tensor is then `value + (s − s.detach())` with
 //! `s = Σ hidden_rows · G`: its value is exactly the loss and its gradient with respect to the
 //! hidden states is exactly `G`, so `loss.backward()` carries on into the decoder and the LoRA
-//! matrices while holding only `[tokens × hidden]` extra. (The head itself is treated as frozen:
-//! nothing in it receives a gradient.)
+//! matrices while holding only `[tokens × hidden]` extra. A head trained in full (PEFT's
+//! `modules_to_save = ["lm_head"]`) gets its gradient the same way: each chunk's gradient with
+//! respect to the head's variables is summed, and the loss carries a zero-valued term
+//! `Σ W·G_W − detach` that hands exactly that sum to `loss.backward()`.
 
 use candle_core::{DType, Module, Tensor, Var, D};
+
+use crate::model::Linear;
 
 use crate::{Error, Result};
 
@@ -113,9 +117,9 @@ fn counted_targets(labels: &Tensor, b: usize, t: usize) -> Result<(Vec<u32>, Vec
 /// `hidden` is `[batch, seq, hidden]` (the decoder's final-norm output), `head` maps hidden rows
 /// to logits, `labels` is `[batch, seq]` token ids with [`IGNORE_INDEX`] for positions that do not
 /// count (any integer dtype). Position `t` is scored against `labels[t + 1]`.
-pub fn causal_lm_loss<M: Module + ?Sized>(
+pub fn causal_lm_loss(
     hidden: &Tensor,
-    head: &M,
+    head: &Linear,
     labels: &Tensor,
     options: &LossOptions,
 ) -> Result<LmLoss> {
@@ -135,11 +139,14 @@ pub fn causal_lm_loss<M: Module + ?Sized>(
     let denom = options.num_items_in_batch.unwrap_or(n);
     let dev = hidden.device();
     let flat = hidden.reshape((b * t, h))?;
-    let track = hidden.track_op();
+    let track = hidden.track_op() || !head.variables().is_empty();
     let max_target = targets.iter().copied().max();
 
     let mut sum = 0f64;
     let mut grad_chunks = Vec::new();
+    // The head's own trainable tensors and their gradients summed over chunks.
+    let head_vars = if track { head.variables() } else { vec![] };
+    let mut head_grads: Vec<Option<Tensor>> = vec![None; head_vars.len()];
     for (pos, tgt) in positions
         .chunks(options.chunk_rows)
         .zip(targets.chunks(options.chunk_rows))
@@ -190,6 +197,14 @@ pub fn causal_lm_loss<M: Module + ?Sized>(
                 )
             })?;
             grad_chunks.push(g);
+            for (v, acc) in head_vars.iter().zip(head_grads.iter_mut()) {
+                if let Some(g) = grads.remove(v) {
+                    *acc = Some(match acc.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g,
+                    });
+                }
+            }
         }
     }
 
@@ -206,7 +221,13 @@ pub fn causal_lm_loss<M: Module + ?Sized>(
     } else {
         let idx = Tensor::from_slice(&positions, n, dev)?;
         let g = Tensor::cat(&grad_chunks, 0)?;
-        let s = (flat.index_select(&idx, 0)? * g)?.sum_all()?;
+        let mut s = (flat.index_select(&idx, 0)? * g)?.sum_all()?;
+        for (v, g) in head_vars.iter().zip(&head_grads) {
+            if let Some(g) = g {
+                let term = (v * g)?.sum_all()?.to_dtype(s.dtype())?;
+                s = (s + term)?;
+            }
+        }
         // Value: exactly `value` (s − s = 0); gradient with respect to the rows: exactly G.
         (&s - s.detach())?
             .to_dtype(DType::F32)?
@@ -289,6 +310,43 @@ mod tests {
                 .clone();
             let d = (g - &want_g).unwrap().abs().unwrap().max_all().unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn a_trainable_head_gets_the_plain_autograd_gradient_over_any_chunking() {
+        let dev = Device::Cpu;
+        let (b, t, h, v) = (2, 7, 16, 50);
+        let hv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, h), &dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::randn(0f32, 0.5, (v, h), &dev).unwrap()).unwrap();
+        let head = crate::model::Linear::dense(wv.as_tensor().clone(), None);
+        let labels = vec![
+            vec![-100i64, -100, 3, 4, 5, -100, 9],
+            vec![1, 2, 3, 49, -100, 0, 7],
+        ];
+        let lt = Tensor::new(labels.clone(), &dev).unwrap();
+        let reference = unchunked(hv.as_tensor(), wv.as_tensor(), &labels);
+        let want = reference.backward().unwrap();
+        for rows in [1, 4, 1000] {
+            let out = causal_lm_loss(
+                hv.as_tensor(),
+                &head,
+                &lt,
+                &LossOptions::default().chunk_rows(rows),
+            )
+            .unwrap();
+            let got = out.loss.backward().unwrap();
+            for x in [hv.as_tensor(), wv.as_tensor()] {
+                let d = (got.get(x).expect("a gradient") - want.get(x).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-6, "chunk_rows {rows}: gradient differs by {d}");
+            }
         }
     }
 

@@ -453,7 +453,7 @@ pub fn train_with(
         }
         let active = peft.active_adapter().to_string();
         for (name, var) in &params {
-            let key = name.replace(&format!(".{active}.weight"), ".weight");
+            let key = crate::lora::saved_key(name, &active);
             let t = ck.adapter.get(&key).ok_or_else(|| Error::Checkpoint {
                 path: dir.clone(),
                 message: format!("adapter lacks `{key}`"),

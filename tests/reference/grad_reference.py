@@ -57,6 +57,12 @@ CASES = {
                       "tied embeddings, q,v, r=8"),
     "llama3-rope-all": ("llama3-rope", dict(r=4, target_modules="all-linear"),
                         "llama3 rope scaling, all-linear, r=4"),
+    "llama-mts-head-norm": ("llama", dict(r=4, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["lm_head", "norm"]),
+                            "q,v + modules_to_save lm_head and every norm"),
+    "qwen2-mts-embed-k": ("qwen2", dict(r=4, target_modules=["q_proj", "v_proj"],
+                                        modules_to_save=["embed_tokens", "k_proj"]),
+                          "q,v + modules_to_save embeddings and k_proj (weight + bias)"),
 }
 COMMON_LORA = dict(task_type="CAUSAL_LM", lora_alpha=16, lora_dropout=0.0, bias="none")
 
@@ -81,9 +87,10 @@ def versions():
 
 
 def saved_key(name):
-    """In-memory PEFT name -> the key save_pretrained writes (adapter name stripped)."""
+    """In-memory PEFT name -> the key save_pretrained writes (adapter name stripped; for a
+    module trained in full, `.modules_to_save.default.` stripped)."""
     assert ".default." in name, name
-    return name.replace(".default.", ".")
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
 
 
 def loss_and_grads(model):
@@ -95,7 +102,7 @@ def loss_and_grads(model):
         if not p.requires_grad:
             assert p.grad is None, f"frozen {n} got a gradient"
             continue
-        assert "lora_" in n, f"unexpected trainable parameter {n}"
+        assert "lora_" in n or ".modules_to_save." in n, f"unexpected trainable parameter {n}"
         assert p.grad is not None, f"{n}: no gradient"
         grads[saved_key(n)] = p.grad.detach().clone().contiguous()
     return loss.detach(), grads
@@ -115,6 +122,8 @@ def run_case(name, base_name, lora_kwargs, description, tiny_dir: Path, out_dir:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(B_STD * torch.randn(p.shape, generator=g))
+            elif ".modules_to_save." in n:  # move the full copy away from the base's values
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.train()  # dropout is 0.0: train and eval compute the same thing
 
     adapter_dir = case_dir / "adapter"

@@ -81,6 +81,15 @@ CASES = {
     "llama-tied-qv": ("llama-tied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                          init_lora_weights="gaussian"),
                       "tied embeddings (all params counted once), gaussian A init"),
+    "llama-mts-head-norm": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["lm_head", "norm"]),
+                            "modules_to_save: lm_head and every norm (PEFT's suffix match)"),
+    "qwen2-mts-embed-k": ("qwen2", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                        modules_to_save=["embed_tokens", "k_proj"]),
+                          "modules_to_save: embeddings and k_proj (weight + bias)"),
+    "llama-tied-mts-head": ("llama-tied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["lm_head"]),
+                            "tied embeddings, lm_head trained in full (an untied copy)"),
 }
 COMMON_LORA = dict(task_type="CAUSAL_LM", lora_dropout=0.0, bias="none")
 
