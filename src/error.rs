@@ -62,6 +62,10 @@ pub enum Error {
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
 
+    /// An LM's completion did not fit the signature's output fields (after the JSON fallback).
+    #[error("{0}")]
+    AdapterParse(Box<crate::prompt::AdapterParseError>),
+
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

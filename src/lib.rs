@@ -21,6 +21,7 @@ pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod prompt;
 pub mod quant;
 pub mod rng;
 pub mod train;
@@ -40,6 +41,10 @@ pub mod prelude {
     pub use crate::generate::{GenerationConfig, GenerationOutput};
     pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};
+    pub use crate::prompt::{
+        BootstrapFewShot, ChainOfThought, Context, Evaluate, Example, LabeledFewShot, LocalLm, Lm,
+        Module, Predict, Prediction, Signature,
+    };
     pub use crate::train::{train, ResumeFrom, SchedulerType, TrainConfig, TrainRun, Warmup};
     pub use crate::{Error, Result};
     pub use candle_core::{DType, Device, Tensor};
