@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 
-use regex::Regex;
 use serde_json::Value;
 
 use super::example::{Example, Prediction};
@@ -112,14 +111,39 @@ pub fn normalize_text(s: &str) -> String {
         .chars()
         .filter(|c| !c.is_ascii_punctuation())
         .collect();
-    static ARTICLES: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
-    let re = ARTICLES.get_or_init(|| Regex::new(r"\b(a|an|the)\b").unwrap());
-    let no_articles = re.replace_all(&no_punct, " ");
+    let no_articles = remove_articles(&no_punct);
     no_articles
         .split(super::py::is_py_space)
         .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `re.sub(r"\b(a|an|the)\b", " ", text)` with Python's idea of word characters
+/// (alphanumerics and `_`; combining marks are not word characters, unlike in Rust's regex).
+fn remove_articles(text: &str) -> String {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    'outer: while i < chars.len() {
+        if i == 0 || !is_word(chars[i - 1]) {
+            for alt in ["a", "an", "the"] {
+                let alt: Vec<char> = alt.chars().collect();
+                let end = i + alt.len();
+                if chars.get(i..end) == Some(&alt[..])
+                    && chars.get(end).is_none_or(|c| !is_word(*c))
+                {
+                    out.push(' ');
+                    i = end;
+                    continue 'outer;
+                }
+            }
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
 }
 
 /// DSPy's `f1_score`: token-level F1 of the normalised texts (0 when nothing overlaps).
