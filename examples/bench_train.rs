@@ -206,6 +206,8 @@ fn main() {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
+    // As `train` does (QLORA_KEEP_FREED_MEMORY=0 measures without it).
+    let keep_freed = qlora::train::keep_freed_memory();
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -403,6 +405,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "peak_rss_mib": mib(peak_total),
         "peak_rss_train_mib": if reset_ok { Some(mib(peak_rss)) } else { None },
         "malloc_env": malloc_env,
+        "keep_freed_memory": keep_freed,
     });
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");

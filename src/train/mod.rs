@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod clip;
 pub mod history;
@@ -32,6 +33,7 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
+pub use alloc::keep_freed_memory;
 pub use checkpoint::{latest_checkpoint, list_checkpoints, load_checkpoint};
 pub use clip::{clip_grad_norm, grad_norms, total_grad_norm, GradNorm, NonFinite};
 pub use history::{StepRecord, StopReason, TrainRun};

@@ -390,6 +390,7 @@ pub fn train_with(
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<TrainRun> {
     config.validate(data)?;
+    super::alloc::keep_freed_memory();
     let params = peft.trainable_parameters();
     if params.is_empty() {
         return Err(Error::InvalidArgument(
