@@ -393,28 +393,17 @@ impl Style {
         messages
     }
 
-    fn error(
-        self,
-        sig: &Signature,
-        completion: &str,
-        message: String,
-        parsed: Example,
-    ) -> AdapterParseError {
-        AdapterParseError {
+    fn error(self, sig: &Signature, completion: &str, message: String, parsed: Example) -> Error {
+        Error::AdapterParse(Box::new(AdapterParseError {
             adapter: self.name().into(),
             signature: sig.to_string(),
             lm_response: completion.to_string(),
             message,
             parsed,
-        }
+        }))
     }
 
-    fn check_complete(
-        self,
-        sig: &Signature,
-        completion: &str,
-        fields: Example,
-    ) -> std::result::Result<Example, AdapterParseError> {
+    fn check_complete(self, sig: &Signature, completion: &str, fields: Example) -> Result<Example> {
         let missing: Vec<&str> = sig
             .outputs()
             .iter()
@@ -464,11 +453,7 @@ impl ChatAdapter {
 
     /// Parses a completion's `[[ ## field ## ]]` sections into typed output fields (the first
     /// section of each name counts; text before the first header is ignored).
-    pub fn parse(
-        &self,
-        sig: &Signature,
-        completion: &str,
-    ) -> std::result::Result<Example, AdapterParseError> {
+    pub fn parse(&self, sig: &Signature, completion: &str) -> Result<Example> {
         let mut sections: Vec<(Option<String>, Vec<String>)> = vec![(None, vec![])];
         for line in py_splitlines(completion) {
             let stripped = py_strip(line);
@@ -527,7 +512,7 @@ impl ChatAdapter {
         let mut req = request.clone();
         req.messages = self.format(sig, demos, inputs);
         let response = lm.complete(&req)?;
-        let parsed: std::result::Result<Vec<Example>, AdapterParseError> = response
+        let parsed: Result<Vec<Example>> = response
             .choices
             .iter()
             .map(|c| {
@@ -550,7 +535,7 @@ impl ChatAdapter {
         stats.chat_failures.fetch_add(1, Ordering::Relaxed);
         if !self.use_json_adapter_fallback {
             stats.failures.fetch_add(1, Ordering::Relaxed);
-            return Err(err.into());
+            return Err(err);
         }
         match JsonAdapter.call_once(lm, request, sig, demos, inputs) {
             Ok(v) => {
@@ -573,11 +558,7 @@ impl JsonAdapter {
 
     /// Parses a JSON object (the whole completion, a fenced block, or the first `{...}` in it)
     /// into typed output fields; extra keys are ignored, missing ones are an error.
-    pub fn parse(
-        &self,
-        sig: &Signature,
-        completion: &str,
-    ) -> std::result::Result<Example, AdapterParseError> {
+    pub fn parse(&self, sig: &Signature, completion: &str) -> Result<Example> {
         let Some(Value::Object(map)) = find_json_object(completion) else {
             return Err(Style::Json.error(
                 sig,
@@ -621,7 +602,7 @@ impl JsonAdapter {
         response
             .choices
             .iter()
-            .map(|c| self.parse(sig, c).map_err(Error::from))
+            .map(|c| self.parse(sig, c))
             .collect()
     }
 }
@@ -721,8 +702,8 @@ fn validate(v: &Value, ty: &FieldType) -> std::result::Result<Value, String> {
         FieldType::Bool => match v {
             Value::Bool(b) => Ok(Value::Bool(*b)),
             Value::Number(n) => match n.as_f64() {
-                Some(x) if x == 0.0 => Ok(Value::Bool(false)),
-                Some(x) if x == 1.0 => Ok(Value::Bool(true)),
+                Some(0.0) => Ok(Value::Bool(false)),
+                Some(1.0) => Ok(Value::Bool(true)),
                 _ => fail(),
             },
             Value::String(s) => match py_strip(s).to_lowercase().as_str() {
