@@ -24,6 +24,8 @@ pub mod ops;
 pub mod prompt;
 pub mod quant;
 pub mod rng;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod train;
 
 // The tensor library, re-exported so notebooks need only `:dep qlora`.
@@ -42,7 +44,7 @@ pub mod prelude {
     pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};
     pub use crate::prompt::{
-        BootstrapFewShot, ChainOfThought, Context, Evaluate, Example, LabeledFewShot, LocalLm, Lm,
+        BootstrapFewShot, ChainOfThought, Context, Evaluate, Example, LabeledFewShot, Lm, LocalLm,
         Module, Predict, Prediction, Signature,
     };
     pub use crate::train::{train, ResumeFrom, SchedulerType, TrainConfig, TrainRun, Warmup};

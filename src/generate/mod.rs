@@ -136,6 +136,23 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` reached (OpenAI's "length").
     Length,
+    /// The caller stopped the row (e.g. a server's client went away).
+    Cancelled,
+}
+
+/// One sequence of a batch for [`Model::generate_rows`]: its prompt ids and how to generate it.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    pub prompt: Vec<u32>,
+    pub config: GenerationConfig,
+}
+
+/// What a [`Model::generate_rows`] callback wants done with a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowControl {
+    Continue,
+    /// Stop generating this row now; its output so far is kept, with finish reason `Cancelled`.
+    Cancel,
 }
 
 /// The result of generating from one prompt.
@@ -153,6 +170,7 @@ pub struct GenerationOutput {
 
 /// Per-row decoding state.
 struct Row {
+    config: GenerationConfig,
     prompt: Vec<u32>,
     generated: Vec<u32>,
     text: String,
@@ -271,70 +289,110 @@ impl Model {
         config: &GenerationConfig,
         mut on_text: impl FnMut(usize, &str),
     ) -> Result<Vec<GenerationOutput>> {
-        config.validate()?;
-        if prompts.is_empty() {
+        let rows = prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt)| BatchRow {
+                prompt,
+                config: GenerationConfig {
+                    seed: config.seed.wrapping_add(i as u64),
+                    ..config.clone()
+                },
+            })
+            .collect();
+        self.generate_rows(rows, |r, piece| {
+            if !piece.is_empty() {
+                on_text(r, piece);
+            }
+            RowControl::Continue
+        })
+    }
+
+    /// Generates a batch whose rows each have their own settings (length, sampling, seed, stop
+    /// strings) — what a server needs to batch unrelated requests. `on_step(row, new_text)` is
+    /// called for every active row after every step (`new_text` may be empty) and may cancel it.
+    pub fn generate_rows(
+        &self,
+        batch: Vec<BatchRow>,
+        mut on_step: impl FnMut(usize, &str) -> RowControl,
+    ) -> Result<Vec<GenerationOutput>> {
+        for row in &batch {
+            row.config.validate()?;
+        }
+        if batch.is_empty() {
             return Ok(vec![]);
         }
-        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        if let Some(i) = batch.iter().position(|r| r.prompt.is_empty()) {
             return Err(Error::InvalidArgument(format!(
                 "prompt {i} has no tokens; give it some text"
             )));
         }
         let device = self.device().clone();
-        let eos: Vec<u32> = self
-            .eos_token_ids
-            .iter()
-            .chain(&config.eos_token_ids)
-            .copied()
-            .collect();
-        let mut rows: Vec<Row> = prompts
+        let mut rows: Vec<Row> = batch
             .into_iter()
-            .enumerate()
-            .map(|(i, prompt)| Row {
-                prompt,
+            .map(|b| Row {
+                sampler: Sampler::new(
+                    b.config.seed,
+                    b.config.temperature,
+                    b.config.top_k,
+                    b.config.top_p,
+                    b.config.repetition_penalty,
+                ),
+                config: b.config,
+                prompt: b.prompt,
                 generated: vec![],
                 text: String::new(),
                 emitted: 0,
                 finish: None,
-                sampler: Sampler::new(
-                    config.seed.wrapping_add(i as u64),
-                    config.temperature,
-                    config.top_k,
-                    config.top_p,
-                    config.repetition_penalty,
-                ),
             })
             .collect();
-        if config.max_new_tokens == 0 {
+        for row in rows.iter_mut() {
+            if row.config.max_new_tokens == 0 {
+                row.finish = Some(FinishReason::Length);
+            }
+        }
+        if rows.iter().all(|r| r.finish.is_some()) {
             return Ok(finish(rows));
         }
-
-        // Left-pad to a common length; the mask keeps padding out of attention and positions.
-        let longest = rows.iter().map(|r| r.prompt.len()).max().unwrap();
-        let padded = rows.iter().any(|r| r.prompt.len() != longest);
+        let eos: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|row| {
+                self.eos_token_ids
+                    .iter()
+                    .chain(&row.config.eos_token_ids)
+                    .copied()
+                    .collect()
+            })
+            .collect();
         let pad_id = self
             .tokenizer
             .pad_token_id()
-            .or(eos.first().copied())
+            .or(self.eos_token_ids.first().copied())
             .unwrap_or(0);
+
+        // Rows asked for no tokens never enter the batch.
+        let mut active: Vec<usize> = (0..rows.len())
+            .filter(|&r| rows[r].finish.is_none())
+            .collect();
+        let longest = active.iter().map(|&r| rows[r].prompt.len()).max().unwrap();
+        let padded = active.iter().any(|&r| rows[r].prompt.len() != longest);
         let mut mask: Vec<Vec<u32>> = rows
             .iter()
             .map(|r| {
-                let pad = longest - r.prompt.len();
+                let pad = longest.saturating_sub(r.prompt.len());
                 std::iter::repeat_n(0, pad)
                     .chain(std::iter::repeat_n(1, r.prompt.len()))
                     .collect()
             })
             .collect();
-        let input: Vec<u32> = rows
+        let input: Vec<u32> = active
             .iter()
-            .flat_map(|r| {
-                std::iter::repeat_n(pad_id, longest - r.prompt.len())
-                    .chain(r.prompt.iter().copied())
+            .flat_map(|&r| {
+                let prompt = &rows[r].prompt;
+                std::iter::repeat_n(pad_id, longest - prompt.len()).chain(prompt.iter().copied())
             })
             .collect();
-        let mut input = Tensor::from_vec(input, (rows.len(), longest), &device)?;
-        let mut active: Vec<usize> = (0..rows.len()).collect();
+        let mut input = Tensor::from_vec(input, (active.len(), longest), &device)?;
         let mut cache = KvCache::new(self.decoder.layers.len());
 
         loop {
@@ -353,26 +411,29 @@ impl Model {
             for (slot, &r) in active.iter().enumerate() {
                 let row = &mut rows[r];
                 let mut l: Vec<f32> = logits.get(slot)?.to_vec1()?;
-                let context: Vec<u32> = if config.repetition_penalty != 1.0 {
+                let context: Vec<u32> = if row.config.repetition_penalty != 1.0 {
                     row.prompt.iter().chain(&row.generated).copied().collect()
                 } else {
                     vec![]
                 };
                 let token = row.sampler.sample(&mut l, &context);
-                if eos.contains(&token) {
+                if eos[r].contains(&token) {
                     row.finish = Some(FinishReason::Stop);
                 } else {
                     row.generated.push(token);
-                    if row.update_text(self, &config.stop)? {
+                    let stop = std::mem::take(&mut row.config.stop);
+                    let hit = row.update_text(self, &stop);
+                    row.config.stop = stop;
+                    if hit? {
                         row.finish = Some(FinishReason::Stop);
-                    } else if row.generated.len() >= config.max_new_tokens {
+                    } else if row.generated.len() >= row.config.max_new_tokens {
                         row.finish = Some(FinishReason::Length);
                     }
                 }
-                let piece = row.ready_text(&config.stop).to_string();
-                if !piece.is_empty() {
-                    row.emitted += piece.len();
-                    on_text(r, &piece);
+                let piece = row.ready_text(&row.config.stop).to_string();
+                row.emitted += piece.len();
+                if on_step(r, &piece) == RowControl::Cancel && row.finish.is_none() {
+                    row.finish = Some(FinishReason::Cancelled);
                 }
                 next.push(token);
             }

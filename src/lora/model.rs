@@ -520,6 +520,20 @@ impl PeftModel {
         Ok(peft)
     }
 
+    /// Loads several PEFT adapter folders onto `model`, each under its own name, for inference
+    /// (PEFT's `from_pretrained` followed by `load_adapter`); the first one is active.
+    pub fn with_adapters(model: Model, adapters: &[(String, std::path::PathBuf)]) -> Result<Self> {
+        let mut peft = Self::wrap(model, 0);
+        for (name, dir) in adapters {
+            peft.load_adapter(dir, name)?;
+        }
+        if let Some((first, _)) = adapters.first() {
+            peft.set_adapter(first)?;
+        }
+        peft.frozen = true;
+        Ok(peft)
+    }
+
     /// Whether the adapters are frozen (loaded for inference).
     pub fn is_frozen(&self) -> bool {
         self.frozen
