@@ -29,6 +29,8 @@ pub mod evaluate;
 pub mod example;
 pub mod lm;
 pub mod metric;
+#[cfg(feature = "openai")]
+pub mod openai;
 pub mod predict;
 pub mod py;
 pub mod signature;
@@ -47,6 +49,8 @@ pub use metric::{
     em_score, f1_score, metric_fn, normalize_text, AnswerExactMatch, AnswerF1, ExactMatch, Metric,
     MetricFn,
 };
+#[cfg(feature = "openai")]
+pub use openai::OpenAiLm;
 pub use predict::{ChainOfThought, Context, IntoSignature, LmConfig, Module, Predict, TraceStep};
 pub use signature::{Field, FieldRole, FieldType, Signature, SignatureBuilder};
 pub use teleprompt::{BootstrapFewShot, Compiled, LabeledFewShot, OptimizerReport, ReportRow};
