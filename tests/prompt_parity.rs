@@ -15,9 +15,9 @@ use std::path::PathBuf;
 
 use qlora::prompt::py::PyRandom;
 use qlora::prompt::{
-    f1_score, normalize_text, AnswerExactMatch, BootstrapFewShot, ChainOfThought, ChatAdapter,
-    Context, Example, FieldRole, FieldType, JsonAdapter, LabeledFewShot, Metric, Module, Predict,
-    Prediction, ScriptedLm, Signature,
+    f1_score, normalize_text, AnswerExactMatch, BootstrapFewShot, BootstrapFewShotWithRandomSearch,
+    ChainOfThought, ChatAdapter, Context, Example, FieldRole, FieldType, JsonAdapter,
+    LabeledFewShot, Metric, Module, Predict, Prediction, ScriptedLm, Signature,
 };
 use qlora::prompt::{metric_fn, Field};
 use serde_json::Value;
@@ -492,5 +492,91 @@ fn saved_state_has_dspys_shape_and_values() {
             fresh.load_state(&case["state"]).unwrap();
             assert_eq!(fresh.dump_state(), case["state"]);
         }
+    }
+}
+
+/// The script's `DemoCountingDummyLM`: question `i` of `full` is answered wrongly when
+/// `(i + k) % 3 == 1`, `k` being the index of the first demo's question (0 without demos).
+fn demo_sensitive_lm(full: &[Example]) -> ScriptedLm {
+    let questions: Vec<String> = full
+        .iter()
+        .map(|x| x.get_str("question").unwrap())
+        .collect();
+    let gold: Vec<String> = full.iter().map(|x| x.get_str("answer").unwrap()).collect();
+    ScriptedLm::new(move |req| {
+        let index = |content: &str| questions.iter().position(|q| content.contains(q.as_str()));
+        let m = &req.messages;
+        let k = if m.len() > 2 {
+            index(&m[1].content).unwrap_or(0)
+        } else {
+            0
+        };
+        match index(&m.last().unwrap().content) {
+            Some(i) => {
+                let answer = if (i + k) % 3 != 1 {
+                    gold[i].clone()
+                } else {
+                    "wrong".into()
+                };
+                format!("[[ ## answer ## ]]\n{answer}")
+            }
+            None => "No more responses".into(),
+        }
+    })
+}
+
+#[test]
+fn random_search_candidates_equal_dspy() {
+    let r = reference();
+    let cases = r["random_search"].as_array().expect("random_search cases");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let get = |k: &str| case[k].as_u64().unwrap() as usize;
+        let full = arithmetic_trainset(get("trainset_size") + get("valset_size"));
+        let (trainset, valset) = full.split_at(get("trainset_size"));
+        let ctx = Context::new(demo_sensitive_lm(&full));
+        let metric = metric_fn("exact", |ex: &Example, p: &Prediction| {
+            (ex.get("answer") == p.get("answer")) as u8 as f64
+        });
+        let mut opt = BootstrapFewShotWithRandomSearch::new(metric)
+            .max_bootstrapped_demos(get("max_bootstrapped_demos"))
+            .max_labeled_demos(get("max_labeled_demos"))
+            .num_candidate_programs(get("num_candidate_programs"))
+            .display_progress(false);
+        if let Some(s) = case["stop_at_score"].as_f64() {
+            opt = opt.stop_at_score(s);
+        }
+        let compiled = opt
+            .compile(
+                &Predict::new("question -> answer").unwrap(),
+                None,
+                trainset,
+                Some(valset),
+                &ctx,
+            )
+            .unwrap();
+        let theirs = case["candidates"].as_array().unwrap();
+        assert_eq!(compiled.candidates.len(), theirs.len(), "{case}");
+        for (ours, t) in compiled.candidates.iter().zip(theirs) {
+            assert_eq!(ours.seed, t["seed"].as_i64().unwrap(), "candidate order");
+            assert_eq!(
+                ours.score,
+                t["score"].as_f64().unwrap(),
+                "seed {}",
+                ours.seed
+            );
+            let subscores: Vec<f64> = t["subscores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(ours.subscores, subscores, "seed {}", ours.seed);
+            assert_eq!(demos_json(&ours.program), t["demos"], "seed {}", ours.seed);
+        }
+        assert_eq!(demos_json(&compiled.program), case["best_demos"]);
+        // The report has one row per candidate, in the order they were tried.
+        assert_eq!(compiled.report.rows.len(), theirs.len());
+        assert!(compiled.report.summary.contains("best: seed"));
     }
 }

@@ -53,4 +53,7 @@ pub use metric::{
 pub use openai::OpenAiLm;
 pub use predict::{ChainOfThought, Context, IntoSignature, LmConfig, Module, Predict, TraceStep};
 pub use signature::{Field, FieldRole, FieldType, Signature, SignatureBuilder};
-pub use teleprompt::{BootstrapFewShot, Compiled, LabeledFewShot, OptimizerReport, ReportRow};
+pub use teleprompt::{
+    BootstrapFewShot, BootstrapFewShotWithRandomSearch, Candidate, Compiled, LabeledFewShot,
+    OptimizerReport, ReportRow,
+};

@@ -500,6 +500,15 @@ impl PyRandom {
         }
     }
 
+    /// `randint(a, b)`: uniform in `[a, b]` (`a + _randbelow(b - a + 1)`, as CPython's
+    /// `randrange`); `None` when `b < a` (Python raises `ValueError`).
+    pub fn randint(&mut self, a: i64, b: i64) -> Option<i64> {
+        if b < a {
+            return None;
+        }
+        Some(a + self.randbelow((b - a + 1) as usize) as i64)
+    }
+
     /// `shuffle(xs)` in place.
     pub fn shuffle<T>(&mut self, xs: &mut [T]) {
         for i in (1..xs.len()).rev() {

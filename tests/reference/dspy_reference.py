@@ -10,7 +10,10 @@ Writes OUT_DIR/index.json with:
 - random: Python's `random.Random(seed)` sample/shuffle outputs (the optimisers' sampling);
 - metrics: `normalize_text`, `f1_score`, `answer_exact_match`;
 - teleprompt: demos LabeledFewShot and BootstrapFewShot pick with a dictionary DummyLM;
-- state: `dump_state()` of programs with demos and instructions.
+- state: `dump_state()` of programs with demos and instructions;
+- random_search: `BootstrapFewShotWithRandomSearch` with a dummy LM whose answers depend on the
+  number of demos in the prompt: every candidate's seed, demos, score and subscores, and the
+  order of `candidate_programs`.
 
 Each signature is described in a small JSON "spec" that the Rust test rebuilds with the typed
 builder, so both sides format the same thing.
@@ -450,6 +453,70 @@ def teleprompt_cases():
     return out
 
 
+class DemoCountingDummyLM(DummyLM):
+    """DummyLM's dictionary mode, except that which questions it gets wrong depends on the
+    prompt's demos: with `k` the index (in the full list) of the first demo's question, or 0
+    without demos, question `i` is answered wrongly when `(i + k) % 3 == 1` — so candidates
+    with different demo sets score differently."""
+
+    def __init__(self, questions, gold):
+        super().__init__({})
+        self.questions, self.gold = questions, gold
+        lm = self
+
+        class Engine(type(self._engine_spec)):
+            def _complete_messages(self, messages):
+                from dspy.lm15 import Message, Response, TextPart, Usage
+                def index(content):
+                    return next((i for i, q in enumerate(lm.questions) if q in content), None)
+
+                k = (index(messages[1]["content"]) or 0) if len(messages) > 2 else 0
+                text = "No more responses"
+                for i, q in enumerate(lm.questions):
+                    if q in messages[-1]["content"]:
+                        answer = lm.gold[i] if (i + k) % 3 != 1 else "wrong"
+                        text = lm._format_answer_fields({"answer": answer})
+                        break
+                return Response(id=None, model="dummy", message=Message.assistant([TextPart(text)]),
+                                finish_reason="stop", usage=Usage(input_tokens=0, output_tokens=0, total_tokens=0))
+
+        self._engine_spec = Engine(self)
+        from dspy.clients.engines.dummy_engine import AsyncDummyEngine
+        self._async_engine_spec = AsyncDummyEngine(self._engine_spec)
+
+
+def random_search_cases():
+    configs = [
+        {"trainset_size": 10, "valset_size": 7, "num_candidate_programs": 5,
+         "max_bootstrapped_demos": 3, "max_labeled_demos": 4, "stop_at_score": None},
+        {"trainset_size": 16, "valset_size": 11, "num_candidate_programs": 16,
+         "max_bootstrapped_demos": 4, "max_labeled_demos": 16, "stop_at_score": None},
+        {"trainset_size": 12, "valset_size": 5, "num_candidate_programs": 8,
+         "max_bootstrapped_demos": 2, "max_labeled_demos": 3, "stop_at_score": 80.0},
+    ]
+    out = []
+    for c in configs:
+        full = arithmetic_trainset(c["trainset_size"] + c["valset_size"])
+        trainset, valset = full[: c["trainset_size"]], full[c["trainset_size"]:]
+        lm = DemoCountingDummyLM([x.question for x in full], [x.answer for x in full])
+        with dspy.context(lm=lm):
+            best = dspy.BootstrapFewShotWithRandomSearch(
+                metric=exact_answer,
+                max_bootstrapped_demos=c["max_bootstrapped_demos"],
+                max_labeled_demos=c["max_labeled_demos"],
+                num_candidate_programs=c["num_candidate_programs"],
+                stop_at_score=c["stop_at_score"],
+                num_threads=1,
+            ).compile(dspy.Predict("question -> answer"), trainset=trainset, valset=valset)
+        out.append({**c,
+                    "candidates": [{"seed": d["seed"], "score": d["score"],
+                                    "subscores": [float(x) for x in d["subscores"]],
+                                    "demos": demo_list(d["program"])}
+                                   for d in best.candidate_programs],
+                    "best_demos": demo_list(best)})
+    return out
+
+
 def state_cases():
     out = []
     trainset = arithmetic_trainset(6)
@@ -479,6 +546,7 @@ def main():
         "metrics": metric_cases(),
         "teleprompt": teleprompt_cases(),
         "state": state_cases(),
+        "random_search": random_search_cases(),
     }
     tmp = os.path.join(out_dir, "index.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

@@ -256,6 +256,7 @@ impl BootstrapFewShot {
                 summary,
                 rows,
             },
+            candidates: vec![],
         })
     }
 

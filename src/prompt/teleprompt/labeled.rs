@@ -80,6 +80,7 @@ impl LabeledFewShot {
                 ),
                 rows,
             },
+            candidates: vec![],
         }
     }
 }

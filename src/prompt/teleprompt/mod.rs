@@ -5,15 +5,19 @@
 //!
 //! - [`LabeledFewShot`]: `k` examples sampled from the trainset;
 //! - [`BootstrapFewShot`]: run a teacher on the trainset, keep the traces the metric accepts
-//!   as demos, fill the remaining slots with labeled examples.
+//!   as demos, fill the remaining slots with labeled examples;
+//! - [`BootstrapFewShotWithRandomSearch`]: zero-shot, labeled-only and bootstrapped candidates
+//!   on shuffled trainsets, each scored on a valset; the best wins.
 //!
 //! Each returns the compiled program and an [`OptimizerReport`] of what it did.
 
 mod bootstrap;
 mod labeled;
+mod random_search;
 
 pub use bootstrap::BootstrapFewShot;
 pub use labeled::LabeledFewShot;
+pub use random_search::BootstrapFewShotWithRandomSearch;
 
 use std::fmt;
 
@@ -155,4 +159,23 @@ pub struct Compiled<P> {
     pub program: P,
     /// What the optimiser did.
     pub report: OptimizerReport,
+    /// The programs a search optimiser scored, best first (DSPy's `candidate_programs`;
+    /// empty for optimisers that build one program).
+    pub candidates: Vec<Candidate<P>>,
+}
+
+/// One program a search optimiser built and scored.
+#[derive(Debug, Clone)]
+pub struct Candidate<P> {
+    /// The candidate's seed (random search: −3 zero-shot, −2 labeled only, −1 unshuffled
+    /// bootstrap, then shuffled trainsets) or trial number (MIPROv2).
+    pub seed: i64,
+    /// The score on the valset (0–100, as `Evaluate`).
+    pub score: f64,
+    /// The metric's value per valset example.
+    pub subscores: Vec<f64>,
+    /// What the candidate is (`zero-shot`, `3 bootstrapped + 4 labeled demos`, ...).
+    pub description: String,
+    /// The program.
+    pub program: P,
 }
