@@ -77,11 +77,87 @@ enum Command {
         #[arg(long, default_value_t = 1e-3)]
         learning_rate: f64,
     },
+    /// Serve the model and its adapters over an OpenAI-compatible HTTP API.
+    ///
+    /// Endpoints: GET /v1/models, POST /v1/chat/completions (stream: true for server-sent
+    /// events), POST /v1/completions. The base model answers under its name (see /v1/models or
+    /// --model-name), each adapter under the name given with --adapter. From Python DSPy:
+    /// dspy.LM("openai/NAME", api_base="http://127.0.0.1:PORT/v1", api_key="KEY or anything").
+    /// Stops on SIGTERM or Ctrl-C after finishing the requests in flight.
+    Serve(ServeArgs),
     /// Print the model's architecture and size.
     Info {
         #[arg(long, default_value = "default")]
         model: String,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Base model: `default`, a .gguf file, a HF folder, or a hub id.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// A PEFT adapter folder served under NAME: `--adapter support=runs/demo/adapter`
+    /// (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    adapters: Vec<String>,
+    /// The name the base model is served under (default: the model's own name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Address to bind. The default keeps the server on this machine; use 0.0.0.0 only on a
+    /// trusted network, with --api-key.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` (also read from QLORA_API_KEY).
+    #[arg(long, env = "QLORA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Most sequences generated together in one batch (1: one request at a time).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Most requests waiting; more are answered 503.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Seconds before an unanswered request gets 504 and its generation is cancelled.
+    #[arg(long, default_value_t = 300)]
+    request_timeout: u64,
+    /// Largest accepted request body in bytes (larger: 413).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Chat completions without max_tokens / max_completion_tokens stop after this many tokens
+    /// (0: only when the context is full).
+    #[arg(long, default_value_t = 512)]
+    default_max_tokens: usize,
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|a| {
+            let (name, path) = a.split_once('=').with_context(|| {
+                format!("--adapter `{a}`: expected NAME=PATH, e.g. support=runs/demo/adapter")
+            })?;
+            anyhow::ensure!(!name.is_empty(), "--adapter `{a}`: the name is empty");
+            Ok((name.to_string(), std::path::PathBuf::from(path)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let model = Model::load(&args.model).context("loading the model")?;
+    let backend =
+        qlora::serve::backend_with_adapters(model, &adapters).context("loading the adapters")?;
+    let mut config = qlora::serve::ServeConfig::default()
+        .host(args.host)
+        .port(args.port)
+        .max_batch(args.max_batch)
+        .max_queue(args.max_queue)
+        .request_timeout(std::time::Duration::from_secs(args.request_timeout))
+        .max_body_bytes(args.max_body_bytes);
+    config.api_key = args.api_key.filter(|k| !k.is_empty());
+    config.model_name = args.model_name;
+    config.default_max_tokens = (args.default_max_tokens > 0).then_some(args.default_max_tokens);
+    qlora::serve::Server::run_until_signal(backend, config)?;
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -363,6 +439,7 @@ fn main() -> anyhow::Result<()> {
                 config.output_dir.display()
             );
         }
+        Command::Serve(args) => run_serve(args)?,
         Command::Info { model } => {
             let model = Model::load(&model).context("loading the model")?;
             println!("{}", model.summary());

@@ -75,12 +75,55 @@ pub struct Job {
     pub events: UnboundedSender<JobEvent>,
 }
 
+/// Counters of what the worker did, for tests, benchmarks and monitoring.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Jobs accepted and not yet taken by the worker.
+    waiting: AtomicUsize,
+    batches: AtomicUsize,
+    jobs: AtomicUsize,
+    rows: AtomicUsize,
+    largest_batch: AtomicUsize,
+    cancelled_rows: AtomicUsize,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Requests waiting for the worker.
+    pub waiting: usize,
+    /// Batches generated.
+    pub batches: usize,
+    /// Requests generated (each may have several rows: `n` choices or prompts).
+    pub jobs: usize,
+    /// Sequences generated.
+    pub rows: usize,
+    /// Most rows in one batch.
+    pub largest_batch: usize,
+    /// Rows stopped because their client went away or timed out.
+    pub cancelled_rows: usize,
+}
+
+impl Counters {
+    /// The current values.
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            waiting: self.waiting.load(Ordering::SeqCst),
+            batches: self.batches.load(Ordering::SeqCst),
+            jobs: self.jobs.load(Ordering::SeqCst),
+            rows: self.rows.load(Ordering::SeqCst),
+            largest_batch: self.largest_batch.load(Ordering::SeqCst),
+            cancelled_rows: self.cancelled_rows.load(Ordering::SeqCst),
+        }
+    }
+}
+
 /// The handle request handlers submit jobs through.
 #[derive(Clone)]
 pub struct Queue {
     tx: mpsc::Sender<Job>,
-    queued: Arc<AtomicUsize>,
     capacity: usize,
+    counters: Arc<Counters>,
 }
 
 /// Why a job was not accepted.
@@ -95,27 +138,38 @@ pub enum Rejected {
 impl Queue {
     /// Queues `job` unless the queue is full.
     pub fn submit(&self, job: Job) -> std::result::Result<(), Rejected> {
-        let before = self.queued.fetch_add(1, Ordering::SeqCst);
+        let waiting = &self.counters.waiting;
+        let before = waiting.fetch_add(1, Ordering::SeqCst);
         if before >= self.capacity {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Rejected::Full {
                 capacity: self.capacity,
             });
         }
         self.tx.send(job).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            waiting.fetch_sub(1, Ordering::SeqCst);
             Rejected::Stopped
         })
     }
 
     /// Jobs waiting (not yet generating).
     pub fn len(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.counters.waiting.load(Ordering::SeqCst)
     }
 
     /// Whether no job is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What the worker has done so far.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// The worker's counters (readable after the queue is gone).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
     }
 }
 
@@ -127,17 +181,17 @@ pub fn start(
     capacity: usize,
 ) -> (Queue, std::thread::JoinHandle<Backend>) {
     let (tx, rx) = mpsc::channel::<Job>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let counter = queued.clone();
+    let counters = Arc::new(Counters::default());
+    let c = counters.clone();
     let handle = std::thread::Builder::new()
         .name("qlora-generate".into())
-        .spawn(move || worker(backend, rx, counter, max_batch.max(1)))
+        .spawn(move || worker(backend, rx, c, max_batch.max(1)))
         .expect("spawning the generation thread");
     (
         Queue {
             tx,
-            queued,
             capacity,
+            counters,
         },
         handle,
     )
@@ -146,7 +200,7 @@ pub fn start(
 fn worker(
     mut backend: Backend,
     rx: mpsc::Receiver<Job>,
-    queued: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
     max_batch: usize,
 ) -> Backend {
     let mut pending: VecDeque<Job> = VecDeque::new();
@@ -175,17 +229,17 @@ fn worker(
             }
         }
         pending = rest;
-        queued.fetch_sub(batch.len(), Ordering::SeqCst);
+        counters.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
         // Clients that left while their request waited.
         batch.retain(|j| !j.events.is_closed());
         if batch.is_empty() {
             continue;
         }
-        run_batch(&mut backend, adapter.as_deref(), batch);
+        run_batch(&mut backend, adapter.as_deref(), batch, &counters);
     }
 }
 
-fn run_batch(backend: &mut Backend, adapter: Option<&str>, batch: Vec<Job>) {
+fn run_batch(backend: &mut Backend, adapter: Option<&str>, batch: Vec<Job>, counters: &Counters) {
     if let Err(e) = backend.select(adapter) {
         for job in &batch {
             let _ = job.events.send(JobEvent::Done(Err(e.to_string())));
@@ -201,6 +255,12 @@ fn run_batch(backend: &mut Backend, adapter: Option<&str>, batch: Vec<Job>) {
             rows.push(row.clone());
         }
     }
+    counters.batches.fetch_add(1, Ordering::SeqCst);
+    counters.jobs.fetch_add(batch.len(), Ordering::SeqCst);
+    counters.rows.fetch_add(rows.len(), Ordering::SeqCst);
+    counters
+        .largest_batch
+        .fetch_max(rows.len(), Ordering::SeqCst);
     let model = backend.model();
     // A panic in generation must not take the server down with it.
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -208,6 +268,7 @@ fn run_batch(backend: &mut Backend, adapter: Option<&str>, batch: Vec<Job>) {
             let (j, c) = owner[r];
             let job = &batch[j];
             if job.events.is_closed() {
+                counters.cancelled_rows.fetch_add(1, Ordering::SeqCst);
                 return RowControl::Cancel;
             }
             if job.stream && !piece.is_empty() {

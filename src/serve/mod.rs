@@ -34,7 +34,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use engine::Backend;
+pub use engine::{Backend, Stats};
 
 use crate::lora::PeftModel;
 use crate::model::Model;
@@ -167,6 +167,7 @@ pub fn backend_with_adapters(
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    counters: Arc<engine::Counters>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -178,8 +179,9 @@ impl Server {
         Self::start_until(backend, config, async move {
             let _ = rx.await;
         })
-        .map(|(addr, thread)| Server {
+        .map(|(addr, queue, thread)| Server {
             addr,
+            counters: queue.counters(),
             shutdown: Some(tx),
             thread: Some(thread),
         })
@@ -206,7 +208,8 @@ impl Server {
             }
             eprintln!("qlora serve: shutting down; finishing in-flight requests");
         };
-        let (addr, thread) = Self::start_until(backend, config, signal)?;
+        let (addr, queue, thread) = Self::start_until(backend, config, signal)?;
+        drop(queue);
         eprintln!("qlora serve: listening on http://{addr}/v1");
         thread
             .join()
@@ -217,7 +220,11 @@ impl Server {
         backend: Backend,
         config: ServeConfig,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> Result<(SocketAddr, std::thread::JoinHandle<Result<()>>)> {
+    ) -> Result<(
+        SocketAddr,
+        engine::Queue,
+        std::thread::JoinHandle<Result<()>>,
+    )> {
         config.validate()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -239,7 +246,7 @@ impl Server {
         let adapters = backend.adapter_names();
         let (queue, worker) = engine::start(backend, config.max_batch, config.max_queue);
         let state = Arc::new(http::AppState {
-            queue,
+            queue: queue.clone(),
             config,
             base_name,
             adapters,
@@ -263,12 +270,17 @@ impl Server {
                 served.map_err(|e| Error::InvalidArgument(format!("server error: {e}")))
             })
             .map_err(|e| Error::InvalidArgument(format!("starting the server thread: {e}")))?;
-        Ok((addr, thread))
+        Ok((addr, queue, thread))
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// What the generation worker has done so far.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
     }
 
     /// The OpenAI base URL: `http://ADDR/v1`.
