@@ -55,10 +55,7 @@ fn http(
 
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
-    loop {
-        let Some((size, tail)) = rest.split_once("\r\n") else {
-            break;
-        };
+    while let Some((size, tail)) = rest.split_once("\r\n") {
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
         if n == 0 {
             break;
@@ -304,7 +301,14 @@ fn client_mistakes_get_openai_shaped_4xx_errors() {
         )
     };
     let good = chat("hi", 2).to_string();
-    let cases: Vec<(&str, Vec<u8>, &[(&str, &str)], u16, Option<&str>)> = vec![
+    type Case<'a> = (
+        &'a str,
+        Vec<u8>,
+        &'a [(&'a str, &'a str)],
+        u16,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         ("no key", good.clone().into_bytes(), &[], 401, None),
         (
             "wrong key",
