@@ -14,10 +14,11 @@ mod common;
 use std::path::PathBuf;
 
 use qlora::prompt::py::PyRandom;
+use qlora::prompt::teleprompt::TIPS;
 use qlora::prompt::{
     f1_score, normalize_text, AnswerExactMatch, BootstrapFewShot, BootstrapFewShotWithRandomSearch,
     ChainOfThought, ChatAdapter, Context, Example, FieldRole, FieldType, JsonAdapter,
-    LabeledFewShot, Metric, Module, Predict, Prediction, ScriptedLm, Signature,
+    LabeledFewShot, Metric, MiproV2, Module, Predict, Prediction, ReportRow, ScriptedLm, Signature,
 };
 use qlora::prompt::{metric_fn, Field};
 use serde_json::Value;
@@ -578,5 +579,187 @@ fn random_search_candidates_equal_dspy() {
         // The report has one row per candidate, in the order they were tried.
         assert_eq!(compiled.report.rows.len(), theirs.len());
         assert!(compiled.report.summary.contains("best: seed"));
+    }
+}
+
+/// The script's `proposer_answers()`, in its order (DummyLM answers with the first key found).
+fn proposer_answers() -> Answers {
+    let mut out: Answers = vec![];
+    for (key, tip) in TIPS {
+        if !tip.is_empty() {
+            out.push((
+                tip.to_string(),
+                vec![(
+                    "proposed_instruction".into(),
+                    format!("Proposed instruction: Solve it ({key})."),
+                )],
+            ));
+        }
+    }
+    let fixed = [
+        (
+            "[[ ## basic_instruction ## ]]",
+            "proposed_instruction",
+            "Solve it (no tip).",
+        ),
+        (
+            "field `[[ ## module_description ## ]]`",
+            "module_description",
+            "It adds.",
+        ),
+        (
+            "field `[[ ## program_description ## ]]`",
+            "program_description",
+            "Arithmetic.",
+        ),
+        (
+            "field `[[ ## summary ## ]]`",
+            "summary",
+            "Summary: additions of two numbers.",
+        ),
+        (
+            "field `[[ ## observations ## ]]`",
+            "observations",
+            "Questions ask for sums.",
+        ),
+    ];
+    for (k, f, v) in fixed {
+        out.push((k.into(), vec![(f.into(), v.into())]));
+    }
+    out
+}
+
+fn exact_metric() -> impl Metric {
+    metric_fn("exact", |ex: &Example, p: &Prediction| {
+        (ex.get("answer") == p.get("answer")) as u8 as f64
+    })
+}
+
+fn mipro_for(case: &Value) -> MiproV2 {
+    let get = |k: &str| case[k].as_u64().unwrap() as usize;
+    let mut opt = MiproV2::new(exact_metric())
+        .max_bootstrapped_demos(get("max_bootstrapped_demos"))
+        .max_labeled_demos(get("max_labeled_demos"))
+        .seed(get("seed") as u64)
+        .minibatch_size(get("minibatch_size"))
+        .prompt_lm(ScriptedLm::answers_by_substring(proposer_answers()))
+        .display_progress(false);
+    if case["auto"].is_null() {
+        opt = opt.manual(get("num_candidates"), get("num_trials"));
+    } else {
+        assert_eq!(case["auto"], "light");
+    }
+    opt
+}
+
+#[test]
+fn mipro_plan_equals_dspy_and_search_is_consistent() {
+    let r = reference();
+    let cases = r["mipro"].as_array().expect("mipro cases");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        // Our proposer answers are the script's.
+        let theirs = case["proposer_answers"].as_object().unwrap();
+        let ours = proposer_answers();
+        assert_eq!(theirs.len(), ours.len());
+        for (k, fields) in &ours {
+            for (f, v) in fields {
+                assert_eq!(theirs[k][f].as_str(), Some(v.as_str()), "{k}");
+            }
+        }
+        let get = |k: &str| case[k].as_u64().unwrap() as usize;
+        let full = arithmetic_trainset(get("trainset_size") + get("valset_size"));
+        let (trainset, valset) = full.split_at(get("trainset_size"));
+        let ctx = Context::new(demo_sensitive_lm(&full));
+        let opt = mipro_for(case);
+        let student = Predict::new("question -> answer").unwrap();
+        let plan = opt
+            .prepare(&student, None, trainset, Some(valset), &ctx)
+            .unwrap();
+
+        // Steps 0-2 equal DSPy's: valset draw, settings, demo sets, instructions.
+        let questions: Vec<Value> = plan
+            .valset
+            .iter()
+            .map(|x| Value::String(x.get_str("question").unwrap()))
+            .collect();
+        assert_eq!(Value::Array(questions), case["valset"]);
+        assert_eq!(plan.num_trials as u64, case["num_trials"].as_u64().unwrap());
+        assert_eq!(Value::Bool(plan.minibatch), case["minibatch"]);
+        assert_eq!(
+            serde_json::to_value(&plan.instruction_candidates).unwrap(),
+            case["instruction_candidates"]
+        );
+        let demos = plan.demo_candidates.as_ref().map(|per_pred| {
+            per_pred
+                .iter()
+                .map(|sets| {
+                    sets.iter()
+                        .map(|s| s.iter().map(Example::to_json).collect::<Vec<_>>())
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(
+            serde_json::to_value(demos).unwrap(),
+            case["demo_candidates"]
+        );
+
+        // Step 3 (our TPE, not Optuna's): the schedule of evaluations is DSPy's.
+        let num_trials = plan.num_trials;
+        let minibatch = plan.minibatch;
+        let n_val = plan.valset.len();
+        let val = plan.valset.clone();
+        let again = opt.search(plan.clone(), &ctx).unwrap();
+        let compiled = opt.search(plan, &ctx).unwrap();
+        assert_eq!(compiled.report, again.report, "the search is deterministic");
+        let trial_rows: Vec<&ReportRow> = compiled
+            .report
+            .rows
+            .iter()
+            .filter(|r| r.outcome.starts_with("trial "))
+            .collect();
+        let minibatch_rows = trial_rows
+            .iter()
+            .filter(|r| r.outcome.contains(": minibatch of "))
+            .count();
+        let full_rows = trial_rows.len() - minibatch_rows;
+        if minibatch {
+            // trials, + the default program, + a full eval after every 5 and at the end
+            let scheduled = num_trials / 5 + usize::from(num_trials % 5 != 0);
+            assert_eq!(minibatch_rows, num_trials);
+            assert_eq!(full_rows, 1 + scheduled, "{}", compiled.report);
+            let adjusted = num_trials + num_trials / 5 + 1 + usize::from(num_trials % 5 != 0);
+            assert_eq!(trial_rows.last().unwrap().round, adjusted);
+            for r in &trial_rows {
+                let size = format!("minibatch of {} (", get("minibatch_size"));
+                let full = format!("full eval on {n_val} ");
+                assert!(
+                    r.outcome.contains(&size) || r.outcome.contains(&full),
+                    "{}",
+                    r.outcome
+                );
+            }
+        } else {
+            assert_eq!(minibatch_rows, 0);
+            assert_eq!(full_rows, 1 + num_trials);
+        }
+        assert_eq!(compiled.candidates.len(), full_rows);
+        // Best first, and the returned program scores what its candidate scored.
+        for w in compiled.candidates.windows(2) {
+            assert!(w[0].score >= w[1].score);
+        }
+        let best = &compiled.candidates[0];
+        let rescored = qlora::prompt::Evaluate::new(val)
+            .display_progress(false)
+            .run(&compiled.program, &ctx, &exact_metric())
+            .unwrap();
+        assert_eq!(rescored.score, best.score);
+        assert_eq!(demos_json(&compiled.program), demos_json(&best.program));
+        assert_eq!(
+            compiled.program.signature.instructions(),
+            best.program.signature.instructions()
+        );
+        assert!(best.score >= compiled.candidates.last().unwrap().score);
     }
 }

@@ -13,7 +13,11 @@ Writes OUT_DIR/index.json with:
 - state: `dump_state()` of programs with demos and instructions;
 - random_search: `BootstrapFewShotWithRandomSearch` with a dummy LM whose answers depend on the
   number of demos in the prompt: every candidate's seed, demos, score and subscores, and the
-  order of `candidate_programs`.
+  order of `candidate_programs`;
+- mipro: what `MIPROv2.compile` builds before its Optuna search (the search itself is replaced,
+  so Optuna is not needed): the valset after `auto`'s subsampling, the demo-set candidates,
+  the instruction candidates (a dictionary DummyLM as prompt model answers by the proposal's
+  random tip), the number of trials and whether minibatches are used.
 
 Each signature is described in a small JSON "spec" that the Rust test rebuilds with the typed
 builder, so both sides format the same thing.
@@ -517,6 +521,63 @@ def random_search_cases():
     return out
 
 
+def proposer_answers():
+    """The prompt model's replies (DummyLM dictionary mode: the first key in the last message)."""
+    from dspy.propose.grounded_proposer import TIPS
+    answers = {}
+    for key, tip in TIPS.items():
+        if tip:
+            answers[tip] = {"proposed_instruction": f"Proposed instruction: Solve it ({key})."}
+    answers["[[ ## basic_instruction ## ]]"] = {"proposed_instruction": "Solve it (no tip)."}
+    answers["field `[[ ## module_description ## ]]`"] = {"module_description": "It adds."}
+    answers["field `[[ ## program_description ## ]]`"] = {"program_description": "Arithmetic."}
+    answers["field `[[ ## summary ## ]]`"] = {"summary": "Summary: additions of two numbers."}
+    answers["field `[[ ## observations ## ]]`"] = {"observations": "Questions ask for sums."}
+    return answers
+
+
+def mipro_cases():
+    class Captured(Exception):
+        pass
+
+    class PlanOnly(dspy.MIPROv2):
+        def _optimize_prompt_parameters(self, program, instruction_candidates, demo_candidates, evaluate,
+                                        valset, num_trials, minibatch, *args):
+            self.plan = {
+                "valset": [x.question for x in valset],
+                "num_trials": num_trials,
+                "minibatch": minibatch,
+                "instruction_candidates": [instruction_candidates[i] for i in sorted(instruction_candidates)],
+                "demo_candidates": None if demo_candidates is None else [
+                    [[d.toDict() for d in s] for s in demo_candidates[i]] for i in sorted(demo_candidates)],
+            }
+            return program
+
+    configs = [
+        {"trainset_size": 20, "valset_size": 60, "auto": "light", "num_candidates": None, "num_trials": None,
+         "max_bootstrapped_demos": 3, "max_labeled_demos": 4, "seed": 9, "minibatch_size": 35},
+        {"trainset_size": 10, "valset_size": 12, "auto": None, "num_candidates": 5, "num_trials": 7,
+         "max_bootstrapped_demos": 4, "max_labeled_demos": 4, "seed": 3, "minibatch_size": 6},
+        {"trainset_size": 8, "valset_size": 10, "auto": "light", "num_candidates": None, "num_trials": None,
+         "max_bootstrapped_demos": 0, "max_labeled_demos": 0, "seed": 9, "minibatch_size": 35},
+    ]
+    out = []
+    for c in configs:
+        full = arithmetic_trainset(c["trainset_size"] + c["valset_size"])
+        trainset, valset = full[: c["trainset_size"]], full[c["trainset_size"]:]
+        task = DemoCountingDummyLM([x.question for x in full], [x.answer for x in full])
+        answers = proposer_answers()
+        opt = PlanOnly(metric=exact_answer, prompt_model=DummyLM(answers), task_model=task,
+                       max_bootstrapped_demos=c["max_bootstrapped_demos"],
+                       max_labeled_demos=c["max_labeled_demos"], auto=c["auto"],
+                       num_candidates=c["num_candidates"], seed=c["seed"], num_threads=1)
+        kwargs = {"num_trials": c["num_trials"]} if c["num_trials"] else {}
+        opt.compile(dspy.Predict("question -> answer"), trainset=trainset, valset=valset,
+                    minibatch_size=c["minibatch_size"], **kwargs)
+        out.append({**c, "proposer_answers": answers, **opt.plan})
+    return out
+
+
 def state_cases():
     out = []
     trainset = arithmetic_trainset(6)
@@ -547,6 +608,7 @@ def main():
         "teleprompt": teleprompt_cases(),
         "state": state_cases(),
         "random_search": random_search_cases(),
+        "mipro": mipro_cases(),
     }
     tmp = os.path.join(out_dir, "index.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

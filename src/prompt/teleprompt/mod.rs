@@ -7,16 +7,20 @@
 //! - [`BootstrapFewShot`]: run a teacher on the trainset, keep the traces the metric accepts
 //!   as demos, fill the remaining slots with labeled examples;
 //! - [`BootstrapFewShotWithRandomSearch`]: zero-shot, labeled-only and bootstrapped candidates
-//!   on shuffled trainsets, each scored on a valset; the best wins.
+//!   on shuffled trainsets, each scored on a valset; the best wins;
+//! - [`MiproV2`]: instructions proposed by an LM and bootstrapped demo sets, combined by a
+//!   TPE search with minibatch evaluation.
 //!
 //! Each returns the compiled program and an [`OptimizerReport`] of what it did.
 
 mod bootstrap;
 mod labeled;
+mod mipro;
 mod random_search;
 
 pub use bootstrap::BootstrapFewShot;
 pub use labeled::LabeledFewShot;
+pub use mipro::{strip_prefix, AutoRun, MiproPlan, MiproV2, TIPS};
 pub use random_search::BootstrapFewShotWithRandomSearch;
 
 use std::fmt;
