@@ -45,9 +45,11 @@ fn openai_lm_against_qlora_serve() {
     // Predict over HTTP: the same DSPy messages, the same completion, the same prediction.
     let qa = Predict::new("question -> answer").unwrap();
     let x = Example::new().with("question", "What is 2+2?");
-    let mut config = qlora::prompt::LmConfig::default();
-    config.temperature = Some(0.0);
-    config.max_tokens = Some(20);
+    let config = qlora::prompt::LmConfig {
+        temperature: Some(0.0),
+        max_tokens: Some(20),
+        ..Default::default()
+    };
     let over_http = qa.forward(&Context::new(http).with_lm_config(config.clone()), &x);
     let in_process = qa.forward(&Context::new(local).with_lm_config(config), &x);
     match (over_http, in_process) {

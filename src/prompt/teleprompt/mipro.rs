@@ -347,7 +347,7 @@ impl MiproV2 {
             return bad("the trainset is empty".into());
         }
         let (trainset, mut valset): (Vec<Example>, Vec<Example>) = match valset {
-            Some(v) if v.is_empty() => return bad("the valset is empty".into()),
+            Some([]) => return bad("the valset is empty".into()),
             Some(v) => (trainset.to_vec(), v.to_vec()),
             None => {
                 if trainset.len() < 2 {
@@ -811,7 +811,9 @@ impl MiproV2 {
         let mut sampler = Tpe::new(dims, self.seed);
         sampler.observe(default_params, default_score);
         let mut study_len = 1usize;
-        let mut by_params: Vec<(Vec<usize>, Vec<(f64, P)>)> = vec![];
+        // Per combination tried: its minibatch scores and programs, in first-tried order.
+        type Tried<P> = (Vec<usize>, Vec<(f64, P)>);
+        let mut by_params: Vec<Tried<P>> = vec![];
         let mut fully: HashMap<Vec<usize>, f64> = HashMap::new();
         let mut minibatch_count = 0;
         for _ in 0..num_trials {
