@@ -54,6 +54,6 @@ pub use openai::OpenAiLm;
 pub use predict::{ChainOfThought, Context, IntoSignature, LmConfig, Module, Predict, TraceStep};
 pub use signature::{Field, FieldRole, FieldType, Signature, SignatureBuilder};
 pub use teleprompt::{
-    AutoRun, BootstrapFewShot, BootstrapFewShotWithRandomSearch, Candidate, Compiled,
-    LabeledFewShot, MiproPlan, MiproV2, OptimizerReport, ReportRow,
+    AutoRun, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFinetune, Candidate,
+    Compiled, Finetuned, LabeledFewShot, MiproPlan, MiproV2, OptimizerReport, ReportRow,
 };

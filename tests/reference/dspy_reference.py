@@ -17,7 +17,10 @@ Writes OUT_DIR/index.json with:
 - mipro: what `MIPROv2.compile` builds before its Optuna search (the search itself is replaced,
   so Optuna is not needed): the valset after `auto`'s subsampling, the demo-set candidates,
   the instruction candidates (a dictionary DummyLM as prompt model answers by the proposal's
-  random tip), the number of trials and whether minibatches are used.
+  random tip), the number of trials and whether minibatches are used;
+- finetune: `BootstrapFinetune`'s chat fine-tuning records (`bootstrap_trace_data` with a
+  dictionary DummyLM, then `_prepare_finetune_data`: metric filter, `format_finetune_data`,
+  the `random.Random(0)` shuffle), for a teacher without and with labeled demos.
 
 Each signature is described in a small JSON "spec" that the Rust test rebuilds with the typed
 builder, so both sides format the same thing.
@@ -578,6 +581,24 @@ def mipro_cases():
     return out
 
 
+def finetune_cases():
+    from dspy.teleprompt.bootstrap_trace import bootstrap_trace_data
+    out = []
+    for n, k in ((9, 0), (7, 2)):
+        trainset = arithmetic_trainset(n)
+        lm = DummyLM(dummy_answers(trainset))
+        student = dspy.Predict("question -> answer")
+        teacher = (dspy.LabeledFewShot(k=k).compile(dspy.Predict("question -> answer"), trainset=trainset)
+                   if k else student)
+        with dspy.context(lm=lm):
+            trace_data = bootstrap_trace_data(program=teacher, dataset=trainset, metric=exact_answer, num_threads=1)
+        data, data_format = dspy.BootstrapFinetune(metric=exact_answer)._prepare_finetune_data(
+            trace_data=trace_data, lm=lm)
+        out.append({"trainset_size": n, "teacher_demos": k, "data_format": str(data_format),
+                    "records": data})
+    return out
+
+
 def state_cases():
     out = []
     trainset = arithmetic_trainset(6)
@@ -609,6 +630,7 @@ def main():
         "state": state_cases(),
         "random_search": random_search_cases(),
         "mipro": mipro_cases(),
+        "finetune": finetune_cases(),
     }
     tmp = os.path.join(out_dir, "index.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

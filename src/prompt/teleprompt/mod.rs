@@ -9,16 +9,20 @@
 //! - [`BootstrapFewShotWithRandomSearch`]: zero-shot, labeled-only and bootstrapped candidates
 //!   on shuffled trainsets, each scored on a valset; the best wins;
 //! - [`MiproV2`]: instructions proposed by an LM and bootstrapped demo sets, combined by a
-//!   TPE search with minibatch evaluation.
+//!   TPE search with minibatch evaluation;
+//! - [`BootstrapFinetune`]: the teacher's successful traces as chat SFT records, and a QLoRA
+//!   training run of the student's model on them.
 //!
 //! Each returns the compiled program and an [`OptimizerReport`] of what it did.
 
 mod bootstrap;
+mod finetune;
 mod labeled;
 mod mipro;
 mod random_search;
 
 pub use bootstrap::BootstrapFewShot;
+pub use finetune::{BootstrapFinetune, Finetuned};
 pub use labeled::LabeledFewShot;
 pub use mipro::{strip_prefix, AutoRun, MiproPlan, MiproV2, TIPS};
 pub use random_search::BootstrapFewShotWithRandomSearch;
