@@ -43,9 +43,12 @@ pub mod prelude {
     pub use crate::generate::{GenerationConfig, GenerationOutput};
     pub use crate::lora::{get_peft_model, setup_qlora, LoraConfig, PeftModel};
     pub use crate::model::{LoadOptions, Message, Model};
+    #[cfg(feature = "openai")]
+    pub use crate::prompt::OpenAiLm;
     pub use crate::prompt::{
-        BootstrapFewShot, ChainOfThought, Context, Evaluate, Example, LabeledFewShot, Lm, LocalLm,
-        Module, Predict, Prediction, Signature,
+        BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFinetune, ChainOfThought,
+        Context, Evaluate, Example, LabeledFewShot, Lm, LocalLm, MiproV2, Module, Predict,
+        Prediction, Signature,
     };
     pub use crate::train::{train, ResumeFrom, SchedulerType, TrainConfig, TrainRun, Warmup};
     pub use crate::{Error, Result};

@@ -1,8 +1,10 @@
-//! DSPy-style programs over the (fine-tuned) model: an [`Lm`] trait with a local, a cached and
-//! a scripted implementation; [`Signature`]s; the [`ChatAdapter`] whose messages are
-//! byte-identical to DSPy 3.4's; [`Predict`] and [`ChainOfThought`]; [`Example`]s, metrics and
-//! [`Evaluate`]; and the [`LabeledFewShot`] and [`BootstrapFewShot`] optimisers with DSPy's
-//! algorithms and random draws.
+//! DSPy-style programs over the (fine-tuned) model: an [`Lm`] trait with a local, a cached, a
+//! scripted and (feature `openai`) an OpenAI-compatible HTTP implementation (`OpenAiLm`);
+//! [`Signature`]s; the [`ChatAdapter`] whose messages are byte-identical to DSPy 3.4's;
+//! [`Predict`] and [`ChainOfThought`]; [`Example`]s, metrics and [`Evaluate`]; and the
+//! optimisers with DSPy's algorithms and random draws: [`LabeledFewShot`],
+//! [`BootstrapFewShot`], [`BootstrapFewShotWithRandomSearch`], [`MiproV2`] and
+//! [`BootstrapFinetune`].
 //!
 //! ```no_run
 //! use qlora::prelude::*;

