@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use qlora::model::{Message, Model};
@@ -26,10 +27,12 @@ fn openai_lm_against_qlora_serve() {
     )
     .unwrap();
     let base = server.base_url();
-    let local = LocalLm::new(load());
-    let http = OpenAiLm::new(&base, "smol")
-        .api_key("sesame")
-        .timeout(Duration::from_secs(120));
+    let local = Arc::new(LocalLm::new(load()));
+    let http = Arc::new(
+        OpenAiLm::new(&base, "smol")
+            .api_key("sesame")
+            .timeout(Duration::from_secs(120)),
+    );
 
     // Greedy text and token counts equal the in-process model's.
     let mut req = LmRequest::new(vec![Message::user("What is the capital of France?")]);
@@ -50,14 +53,58 @@ fn openai_lm_against_qlora_serve() {
         max_tokens: Some(20),
         ..Default::default()
     };
-    let over_http = qa.forward(&Context::new(http).with_lm_config(config.clone()), &x);
-    let in_process = qa.forward(&Context::new(local).with_lm_config(config), &x);
+    let over_http = qa.forward(
+        &Context::from_arc(http.clone()).with_lm_config(config.clone()),
+        &x,
+    );
+    let in_process = qa.forward(&Context::from_arc(local.clone()).with_lm_config(config), &x);
     match (over_http, in_process) {
         (Ok(p), Ok(q)) => assert_eq!(p, q),
         // The small model may break the format; then both must fail the same way.
         (Err(e), Err(f)) => assert_eq!(e.to_string(), f.to_string()),
         (p, q) => panic!("HTTP and local disagree: {p:?} vs {q:?}"),
     }
+
+    // Concurrent requests (the server batches them) still give each one's greedy text.
+    let batch: Vec<LmRequest> = ["Name a colour.", "What is 2+2?", "Say hello in French."]
+        .iter()
+        .map(|q| LmRequest {
+            temperature: Some(0.0),
+            max_tokens: Some(8),
+            ..LmRequest::new(vec![Message::user(*q)])
+        })
+        .collect();
+    let over_http = http.complete_batch(&batch).unwrap();
+    for (r, got) in batch.iter().zip(&over_http) {
+        assert_eq!(
+            got.choices,
+            local.complete(r).unwrap().choices,
+            "{:?}",
+            r.messages
+        );
+    }
+
+    // Stop strings cut the text as the in-process model cuts it.
+    let stopped = LmRequest {
+        stop: vec![" ".into()],
+        ..req.clone()
+    };
+    assert_eq!(
+        http.complete(&stopped).unwrap().choices,
+        local.complete(&stopped).unwrap().choices
+    );
+
+    // n sampled completions.
+    let sampled = LmRequest {
+        n: 2,
+        temperature: Some(0.8),
+        seed: Some(5),
+        max_tokens: Some(8),
+        ..req.clone()
+    };
+    let two = http.complete(&sampled).unwrap();
+    assert_eq!(two.choices.len(), 2);
+    assert!(two.usage.completion_tokens <= 16 && two.usage.completion_tokens > 0);
 
     // A wrong key: 401, named with the URL and the server's message.
     let wrong = OpenAiLm::new(&base, "smol").api_key("nope");
