@@ -46,9 +46,9 @@ pub mod prelude {
     #[cfg(feature = "openai")]
     pub use crate::prompt::OpenAiLm;
     pub use crate::prompt::{
-        BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFinetune, ChainOfThought,
-        Context, Evaluate, Example, LabeledFewShot, Lm, LocalLm, MiproV2, Module, Predict,
-        Prediction, Signature,
+        BetterTogether, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFinetune,
+        CachedLm, ChainOfThought, Context, Evaluate, Example, LabeledFewShot, Lm, LocalLm, MiproV2,
+        Module, Predict, Prediction, Signature,
     };
     pub use crate::train::{train, ResumeFrom, SchedulerType, TrainConfig, TrainRun, Warmup};
     pub use crate::{Error, Result};

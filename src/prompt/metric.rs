@@ -31,7 +31,8 @@ pub trait Metric: Send + Sync {
     fn name(&self) -> String;
 }
 
-/// A metric from a closure over (example, prediction).
+/// A metric from a closure over (example, prediction) (cloneable when the closure is).
+#[derive(Clone)]
 pub struct MetricFn<F> {
     name: String,
     f: F,

@@ -4,7 +4,7 @@
 //! [`Predict`] and [`ChainOfThought`]; [`Example`]s, metrics and [`Evaluate`]; and the
 //! optimisers with DSPy's algorithms and random draws: [`LabeledFewShot`],
 //! [`BootstrapFewShot`], [`BootstrapFewShotWithRandomSearch`], [`MiproV2`] and
-//! [`BootstrapFinetune`].
+//! [`BootstrapFinetune`], and [`BetterTogether`] to chain prompt and weight optimisation.
 //!
 //! ```no_run
 //! use qlora::prelude::*;
@@ -56,6 +56,7 @@ pub use openai::OpenAiLm;
 pub use predict::{ChainOfThought, Context, IntoSignature, LmConfig, Module, Predict, TraceStep};
 pub use signature::{Field, FieldRole, FieldType, Signature, SignatureBuilder};
 pub use teleprompt::{
-    AutoRun, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFinetune, Candidate,
-    Compiled, Finetuned, LabeledFewShot, MiproPlan, MiproV2, OptimizerReport, ReportRow,
+    AutoRun, BetterTogether, BetterTogetherReport, BetterTogetherResult, BootstrapFewShot,
+    BootstrapFewShotWithRandomSearch, BootstrapFinetune, Candidate, Compiled, Finetuned,
+    LabeledFewShot, MiproPlan, MiproV2, OptimizerReport, ReportRow, StepCandidate, StepOptimizer,
 };

@@ -232,7 +232,20 @@ impl BootstrapFinetune {
         ctx: &Context,
         peft: &mut PeftModel,
     ) -> Result<Finetuned<P>> {
-        let (records, mut report) = self.bootstrap_records(student, teacher, trainset, ctx)?;
+        let (records, report) = self.bootstrap_records(student, teacher, trainset, ctx)?;
+        self.train_on_records(student, records, report, peft)
+    }
+
+    /// Step 3 alone: trains `peft` on `records` (from [`BootstrapFinetune::bootstrap_records`])
+    /// and returns the student ready for the trained model — for callers that bootstrap with
+    /// an LM that shares the model being trained (BetterTogether).
+    pub fn train_on_records<P: Module + Clone>(
+        &self,
+        student: &P,
+        records: Vec<Record>,
+        mut report: OptimizerReport,
+        peft: &mut PeftModel,
+    ) -> Result<Finetuned<P>> {
         if records.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "BootstrapFinetune: no training data — {}; check the teacher's LM and the metric",

@@ -11,16 +11,23 @@
 //! - [`MiproV2`]: instructions proposed by an LM and bootstrapped demo sets, combined by a
 //!   TPE search with minibatch evaluation;
 //! - [`BootstrapFinetune`]: the teacher's successful traces as chat SFT records, and a QLoRA
-//!   training run of the student's model on them.
+//!   training run of the student's model on them;
+//! - [`BetterTogether`]: prompt and weight optimisers in a sequence (`"p -> w -> p"`), each
+//!   step scored on a valset, the best program (and its adapter) kept.
 //!
 //! Each returns the compiled program and an [`OptimizerReport`] of what it did.
 
+mod better_together;
 mod bootstrap;
 mod finetune;
 mod labeled;
 mod mipro;
 mod random_search;
 
+pub use better_together::{
+    BetterTogether, BetterTogetherReport, BetterTogetherResult, StepCandidate, StepOptimizer,
+    StepRow, STRAT_SEP,
+};
 pub use bootstrap::BootstrapFewShot;
 pub use finetune::{BootstrapFinetune, Finetuned};
 pub use labeled::LabeledFewShot;
