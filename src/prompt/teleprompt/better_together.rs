@@ -83,6 +83,13 @@ impl From<BootstrapFinetune> for StepOptimizer {
     }
 }
 
+/// The model in service, its LM's context and the saved weight versions.
+struct WeightState {
+    ctx: Context,
+    shared: Option<Arc<PeftModel>>,
+    versions: Vec<(PathBuf, Vec<Tensor>)>,
+}
+
 type LmBuilder = Arc<dyn Fn(Arc<PeftModel>) -> Arc<dyn Lm> + Send + Sync>;
 
 /// Prompt and weight optimisation in sequence — DSPy 3.4's `BetterTogether`:
@@ -512,6 +519,70 @@ impl BetterTogether {
         Ok((dir, snapshot))
     }
 
+    /// Runs one step's optimiser on `program` (its `compiled` flags cleared first).
+    fn run_step<P: Module + Clone>(
+        &self,
+        optimizer: &StepOptimizer,
+        program: &mut P,
+        teacher: Option<&P>,
+        (trainset, valset_arg): (&[Example], Option<&[Example]>),
+        state: &mut WeightState,
+        step: usize,
+    ) -> Result<(P, OptimizerReport)> {
+        for (_, p) in program.named_predictors_mut() {
+            p.compiled = false;
+        }
+        Ok(match optimizer {
+            StepOptimizer::LabeledFewShot(o) => {
+                let c = o.compile(&*program, trainset);
+                (c.program, c.report)
+            }
+            StepOptimizer::BootstrapFewShot(o) => {
+                let c = o.compile(&*program, teacher, trainset, &state.ctx)?;
+                (c.program, c.report)
+            }
+            StepOptimizer::RandomSearch(o) => {
+                let c = o.compile(&*program, teacher, trainset, valset_arg, &state.ctx)?;
+                (c.program, c.report)
+            }
+            StepOptimizer::MiproV2(o) => {
+                let c = o.compile(&*program, teacher, trainset, valset_arg, &state.ctx)?;
+                (c.program, c.report)
+            }
+            StepOptimizer::Finetune(o) => {
+                let (records, report) =
+                    o.bootstrap_records(&*program, teacher, trainset, &state.ctx)?;
+                // The model back from the LM, to train it.
+                state.ctx = Context::new(super::super::lm::ScriptedLm::new(|_| String::new()));
+                let taken = state.shared.take().expect("the model is in service");
+                let mut peft = match Arc::try_unwrap(taken) {
+                    Ok(p) => p,
+                    Err(back) => {
+                        state.ctx = Context::from_arc((self.lm_builder)(back.clone()));
+                        state.shared = Some(back);
+                        return Err(Error::InvalidArgument(
+                            "BetterTogether: the LM built by `.lm(...)` keeps the model alive \
+                             after it is dropped; a weight step cannot train it"
+                                .into(),
+                        ));
+                    }
+                };
+                let trained = o.train_on_records(&*program, records, report, &mut peft);
+                // Whatever happened, the model goes back into service.
+                let step_weights = trained
+                    .as_ref()
+                    .ok()
+                    .map(|_| self.save_weights(&peft, step));
+                let model = Arc::new(peft);
+                state.ctx = Context::from_arc((self.lm_builder)(model.clone()));
+                state.shared = Some(model);
+                let tuned = trained?;
+                state.versions.push(step_weights.expect("trained")?);
+                (tuned.program, tuned.report)
+            }
+        })
+    }
+
     /// Runs the strategy on `student` (with `teacher`, default the current program, for the
     /// bootstrapping steps) and `peft`, the model whose adapter the weight steps train.
     pub fn compile<P: Module + Clone>(
@@ -544,13 +615,17 @@ impl BetterTogether {
         let mut rng = PyRandom::new(self.seed);
 
         // Weight versions: folder and in-memory copy.
-        let mut versions: Vec<(PathBuf, Vec<Tensor>)> = vec![self.save_weights(&peft, 0)?];
-        let mut shared = Some(Arc::new(peft));
-        let mut ctx = Context::from_arc((self.lm_builder)(shared.clone().expect("model")));
+        let versions = vec![self.save_weights(&peft, 0)?];
+        let model = Arc::new(peft);
+        let mut state = WeightState {
+            ctx: Context::from_arc((self.lm_builder)(model.clone())),
+            shared: Some(model),
+            versions,
+        };
 
         let mut program = student.clone();
         let mut candidates: Vec<StepCandidate<P>> = vec![];
-        let score = self.evaluate(&program, &valset, &ctx)?;
+        let score = self.evaluate(&program, &valset, &state.ctx)?;
         if self.display_progress {
             println!("BetterTogether baseline: score {}", show(score));
         }
@@ -559,7 +634,7 @@ impl BetterTogether {
             strategy: String::new(),
             optimizer: "original".into(),
             score,
-            adapter_dir: versions[0].0.clone(),
+            adapter_dir: state.versions[0].0.clone(),
             report: None,
             program: program.clone(),
             weights: 0,
@@ -579,59 +654,18 @@ impl BetterTogether {
                     optimizer.name()
                 );
             }
-            let outcome: Result<(P, OptimizerReport)> = (|| {
-                for (_, p) in program.named_predictors_mut() {
-                    p.compiled = false;
-                }
-                Ok(match optimizer {
-                    StepOptimizer::LabeledFewShot(o) => {
-                        let c = o.compile(&program, &trainset);
-                        (c.program, c.report)
-                    }
-                    StepOptimizer::BootstrapFewShot(o) => {
-                        let c = o.compile(&program, teacher, &trainset, &ctx)?;
-                        (c.program, c.report)
-                    }
-                    StepOptimizer::RandomSearch(o) => {
-                        let c = o.compile(&program, teacher, &trainset, valset_arg, &ctx)?;
-                        (c.program, c.report)
-                    }
-                    StepOptimizer::MiproV2(o) => {
-                        let c = o.compile(&program, teacher, &trainset, valset_arg, &ctx)?;
-                        (c.program, c.report)
-                    }
-                    StepOptimizer::Finetune(o) => {
-                        let (records, report) =
-                            o.bootstrap_records(&program, teacher, &trainset, &ctx)?;
-                        // The model back from the LM, to train it.
-                        ctx = Context::new(super::super::lm::ScriptedLm::new(|_| String::new()));
-                        let taken = shared.take().expect("the model is in service");
-                        let mut peft = Arc::try_unwrap(taken).map_err(|_| {
-                            Error::InvalidArgument(
-                                "BetterTogether: the LM built by `.lm(...)` keeps the model alive \
-                                 after it is dropped; a weight step cannot train it"
-                                    .into(),
-                            )
-                        })?;
-                        let trained = o.train_on_records(&program, records, report, &mut peft);
-                        // Whatever happened, the model goes back into service.
-                        let step_weights = trained
-                            .as_ref()
-                            .ok()
-                            .map(|_| self.save_weights(&peft, i + 1));
-                        let model = Arc::new(peft);
-                        ctx = Context::from_arc((self.lm_builder)(model.clone()));
-                        shared = Some(model);
-                        let tuned = trained?;
-                        versions.push(step_weights.expect("trained")?);
-                        (tuned.program, tuned.report)
-                    }
-                })
-            })();
+            let outcome = self.run_step(
+                optimizer,
+                &mut program,
+                teacher,
+                (&trainset, valset_arg),
+                &mut state,
+                i + 1,
+            );
             match outcome {
                 Ok((p, report)) => {
                     program = p;
-                    let score = match self.evaluate(&program, &valset, &ctx) {
+                    let score = match self.evaluate(&program, &valset, &state.ctx) {
                         Ok(s) => s,
                         Err(e) => {
                             error = Some(format!("step {} ({prefix}): {e}", i + 1));
@@ -653,13 +687,13 @@ impl BetterTogether {
                             }
                         );
                     }
-                    let weights = versions.len() - 1;
+                    let weights = state.versions.len() - 1;
                     candidates.push(StepCandidate {
                         step: i + 1,
                         strategy: prefix,
                         optimizer: optimizer.name().into(),
                         score,
-                        adapter_dir: versions[weights].0.clone(),
+                        adapter_dir: state.versions[weights].0.clone(),
                         report: Some(report),
                         program: program.clone(),
                         weights,
@@ -674,6 +708,11 @@ impl BetterTogether {
                 }
             }
         }
+        let WeightState {
+            mut ctx,
+            shared,
+            versions,
+        } = state;
         let shared = shared.ok_or_else(|| {
             Error::InvalidArgument(
                 error
