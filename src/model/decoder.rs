@@ -139,9 +139,18 @@ pub struct Decoder {
     device: Device,
 }
 
-/// Adds every gradient of `more` into `into` (summing where both have one).
-fn add_grads(into: &mut GradStore, more: &GradStore) -> Result<()> {
-    let ids: Vec<_> = more.get_ids().copied().collect();
+/// Adds the gradients of `more` for the tensors in `keep` into `into` (summing where both have
+/// one).
+fn add_grads(
+    into: &mut GradStore,
+    more: &GradStore,
+    keep: &std::collections::HashSet<candle_core::TensorId>,
+) -> Result<()> {
+    let ids: Vec<_> = more
+        .get_ids()
+        .filter(|id| keep.contains(id))
+        .copied()
+        .collect();
     for id in ids {
         let g = more.get_id(id).expect("listed id").clone();
         let sum = match into.get_id(id) {
@@ -639,6 +648,11 @@ impl Decoder {
         let hidden = ops::rms_norm(last.as_tensor(), &self.norm, eps)?;
         let loss = loss_fn(&hidden)?;
         let mut grads = loss.backward()?;
+        // A block's backward yields gradients for every tensor of its graph; only the model's
+        // own long-lived tensors (adapters, modules trained in full) are worth keeping — the
+        // rest would pile up to the very activation memory checkpointing exists to save.
+        let keep: std::collections::HashSet<candle_core::TensorId> =
+            self.tensors().iter().map(|t| t.id()).collect();
         let mut upstream = grads.remove(last.as_tensor()).ok_or_else(|| {
             Error::InvalidArgument("the loss does not depend on the model output".into())
         })?;
@@ -649,7 +663,7 @@ impl Decoder {
             // d(sum(y * g))/dθ = gᵀ dy/dθ: the chain rule through this block alone.
             let mut block_grads = (y * &upstream)?.sum_all()?.backward()?;
             let next = block_grads.remove(x.as_tensor());
-            add_grads(&mut grads, &block_grads)?;
+            add_grads(&mut grads, &block_grads, &keep)?;
             match next {
                 Some(g) => upstream = g,
                 // Nothing below this block is trainable through it.
@@ -659,7 +673,7 @@ impl Decoder {
         // A trainable embedding table (PEFT's modules_to_save) takes the rest of the chain.
         if embedded.track_op() {
             let embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
-            add_grads(&mut grads, &embed_grads)?;
+            add_grads(&mut grads, &embed_grads, &keep)?;
         }
         Ok((loss, grads))
     }
