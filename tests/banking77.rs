@@ -39,18 +39,26 @@ struct Run {
     checkpointing: bool,
 }
 
+/// QLORA_BANKING77_DIR, else `../shared/data/banking77` beside the checkout, else the shared
+/// folder of this workplace (`/work/shared/data/banking77`, for clones made elsewhere).
 fn data_dir() -> PathBuf {
-    let dir = std::env::var_os("QLORA_BANKING77_DIR")
-        .map(PathBuf::from)
+    let candidates: Vec<PathBuf> = match std::env::var_os("QLORA_BANKING77_DIR") {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => vec![
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/banking77"),
+            PathBuf::from("/work/shared/data/banking77"),
+        ],
+    };
+    candidates
+        .iter()
+        .find(|d| d.join("train.csv").is_file())
+        .cloned()
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/banking77")
-        });
-    assert!(
-        dir.join("train.csv").is_file(),
-        "Banking77 not found in {} (set QLORA_BANKING77_DIR)",
-        dir.display()
-    );
-    dir
+            panic!(
+                "Banking77 not found in {:?} (set QLORA_BANKING77_DIR to the folder with train.csv and test.csv)",
+                candidates
+            )
+        })
 }
 
 fn system_prompt(intents: &[&str]) -> String {
