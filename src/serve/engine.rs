@@ -152,21 +152,6 @@ impl Queue {
         })
     }
 
-    /// Jobs waiting (not yet generating).
-    pub fn len(&self) -> usize {
-        self.counters.waiting.load(Ordering::SeqCst)
-    }
-
-    /// Whether no job is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// What the worker has done so far.
-    pub fn stats(&self) -> Stats {
-        self.counters.snapshot()
-    }
-
     /// The worker's counters (readable after the queue is gone).
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()

@@ -292,159 +292,166 @@ async fn outputs(
     }
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let start = Instant::now();
-    match chat_inner(&state, body, start).await {
-        Ok(r) => r,
-        Err((e, model)) => {
-            log_line("POST /v1/chat/completions", &model, 0, 0, e.status, start);
-            e.into_response()
+/// The two generation endpoints: they differ in how a request becomes prompts and how a choice
+/// is shaped, and share everything else.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    fn route(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "POST /v1/chat/completions",
+            Endpoint::Completions => "POST /v1/completions",
+        }
+    }
+
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        }
+    }
+
+    fn object(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn choice(self, index: usize, out: &GenerationOutput) -> Value {
+        let finish = finish_reason(out.finish_reason);
+        match self {
+            Endpoint::Chat => {
+                json!({"index": index, "message": {"role": "assistant", "content": out.text},
+                                     "logprobs": null, "finish_reason": finish})
+            }
+            Endpoint::Completions => {
+                json!({"index": index, "text": out.text, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The request's model name, tokenised prompts (the parameter they came from) and settings.
+    fn parse(
+        self,
+        state: &AppState,
+        body: &[u8],
+    ) -> Result<(String, Vec<Vec<u32>>, Sampling), (ApiError, String)> {
+        let no_model = |e| (e, "-".to_string());
+        let tokenize_error = |param: &str, model: &str, e: crate::Error| {
+            (ApiError::invalid(param, e.to_string()), model.to_string())
+        };
+        match self {
+            Endpoint::Chat => {
+                let req =
+                    api::chat_request(body, state.config.default_max_tokens).map_err(no_model)?;
+                let prompt = state
+                    .model
+                    .apply_chat_template(&req.messages, true)
+                    .and_then(|p| state.model.tokenizer.encode(&p, true))
+                    .map_err(|e| tokenize_error("messages", &req.model, e))?;
+                Ok((req.model, vec![prompt], req.sampling))
+            }
+            Endpoint::Completions => {
+                let req = api::completion_request(body).map_err(no_model)?;
+                let prompts = req
+                    .prompts
+                    .iter()
+                    .map(|p| state.model.tokenizer.encode(p, true))
+                    .collect::<crate::Result<Vec<_>>>()
+                    .map_err(|e| tokenize_error("prompt", &req.model, e))?;
+                if prompts.iter().any(|p| p.is_empty()) {
+                    return Err((ApiError::invalid("prompt", "`prompt` is empty"), req.model));
+                }
+                Ok((req.model, prompts, req.sampling))
+            }
+        }
+    }
+
+    fn prompt_param(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completions => "prompt",
         }
     }
 }
 
-async fn chat_inner(
-    state: &Arc<AppState>,
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-    start: Instant,
-) -> Result<Response, (ApiError, String)> {
-    let no_model = |e| (e, "-".to_string());
-    let body = body_bytes(body, state.config.max_body_bytes).map_err(no_model)?;
-    let req = api::chat_request(&body, state.config.default_max_tokens).map_err(no_model)?;
-    let with_model = |e| (e, req.model.clone());
-    let adapter = route_model(state, &req.model).map_err(with_model)?;
-    let prompt = state
-        .model
-        .apply_chat_template(&req.messages, true)
-        .and_then(|p| state.model.tokenizer.encode(&p, true))
-        .map_err(|e| with_model(ApiError::invalid("messages", e.to_string())))?;
-    let prompt_tokens = prompt.len();
-    let rows = rows_for(state, &[prompt], &req.sampling, "messages").map_err(with_model)?;
-    let (tx, rx) = unbounded_channel();
-    submit(
-        state,
-        Job {
-            adapter,
-            rows,
-            stream: req.sampling.stream,
-            events: tx,
-        },
-    )
-    .map_err(with_model)?;
-    let id = format!(
-        "chatcmpl-{:016x}",
-        state.counter.fetch_add(1, Ordering::Relaxed) ^ unix_now() << 20
-    );
-    let created = unix_now();
-    if req.sampling.stream {
-        return Ok(stream_response(
-            state.clone(),
-            rx,
-            Streaming {
-                id,
-                created,
-                model: req.model,
-                object: "chat.completion.chunk",
-                chat: true,
-                n: req.sampling.n,
-                prompt_tokens,
-                include_usage: req.sampling.include_usage,
-                start,
-            },
-        ));
-    }
-    let outs = outputs(state, rx).await.map_err(with_model)?;
-    let choices: Vec<Value> = outs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            json!({"index": i, "message": {"role": "assistant", "content": o.text},
-                   "logprobs": null, "finish_reason": finish_reason(o.finish_reason)})
-        })
-        .collect();
-    let usage = usage(&outs, prompt_tokens);
-    log_line(
-        "POST /v1/chat/completions",
-        &req.model,
-        prompt_tokens,
-        usage["completion_tokens"].as_u64().unwrap_or(0) as usize,
-        200,
-        start,
-    );
-    Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": req.model,
-        "choices": choices, "usage": usage, "system_fingerprint": null,
-    }))
-    .into_response())
+) -> Response {
+    handle(Endpoint::Chat, &state, body).await
 }
 
 async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    handle(Endpoint::Completions, &state, body).await
+}
+
+async fn handle(
+    endpoint: Endpoint,
+    state: &Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let start = Instant::now();
-    match completions_inner(&state, body, start).await {
+    match generate(endpoint, state, body, start).await {
         Ok(r) => r,
         Err((e, model)) => {
-            log_line("POST /v1/completions", &model, 0, 0, e.status, start);
+            log_line(endpoint.route(), &model, 0, 0, e.status, start);
             e.into_response()
         }
     }
 }
 
-async fn completions_inner(
+async fn generate(
+    endpoint: Endpoint,
     state: &Arc<AppState>,
     body: Result<Bytes, BytesRejection>,
     start: Instant,
 ) -> Result<Response, (ApiError, String)> {
-    let no_model = |e| (e, "-".to_string());
-    let body = body_bytes(body, state.config.max_body_bytes).map_err(no_model)?;
-    let req = api::completion_request(&body).map_err(no_model)?;
-    let with_model = |e| (e, req.model.clone());
-    let adapter = route_model(state, &req.model).map_err(with_model)?;
-    let prompts = req
-        .prompts
-        .iter()
-        .map(|p| state.model.tokenizer.encode(p, true))
-        .collect::<crate::Result<Vec<_>>>()
-        .map_err(|e| with_model(ApiError::invalid("prompt", e.to_string())))?;
-    if prompts.iter().any(|p| p.is_empty()) {
-        return Err(with_model(ApiError::invalid("prompt", "`prompt` is empty")));
-    }
+    let body = body_bytes(body, state.config.max_body_bytes).map_err(|e| (e, "-".to_string()))?;
+    let (model, prompts, sampling) = endpoint.parse(state, &body)?;
+    let with_model = |e| (e, model.clone());
+    let adapter = route_model(state, &model).map_err(with_model)?;
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let rows = rows_for(state, &prompts, &req.sampling, "prompt").map_err(with_model)?;
+    let rows = rows_for(state, &prompts, &sampling, endpoint.prompt_param()).map_err(with_model)?;
     let (tx, rx) = unbounded_channel();
     submit(
         state,
         Job {
             adapter,
             rows,
-            stream: req.sampling.stream,
+            stream: sampling.stream,
             events: tx,
         },
     )
     .map_err(with_model)?;
     let id = format!(
-        "cmpl-{:016x}",
+        "{}-{:016x}",
+        endpoint.id_prefix(),
         state.counter.fetch_add(1, Ordering::Relaxed) ^ unix_now() << 20
     );
     let created = unix_now();
-    if req.sampling.stream {
+    if sampling.stream {
         return Ok(stream_response(
             state.clone(),
             rx,
             Streaming {
                 id,
                 created,
-                model: req.model,
-                object: "text_completion",
-                chat: false,
-                n: req.sampling.n * req.prompts.len(),
+                model,
+                object: endpoint.object(true),
+                chat: matches!(endpoint, Endpoint::Chat),
+                n: sampling.n * prompts.len(),
                 prompt_tokens,
-                include_usage: req.sampling.include_usage,
+                include_usage: sampling.include_usage,
                 start,
             },
         ));
@@ -453,22 +460,25 @@ async fn completions_inner(
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
-        .map(|(i, o)| json!({"index": i, "text": o.text, "logprobs": null, "finish_reason": finish_reason(o.finish_reason)}))
+        .map(|(i, o)| endpoint.choice(i, o))
         .collect();
     let usage = usage(&outs, prompt_tokens);
     log_line(
-        "POST /v1/completions",
-        &req.model,
+        endpoint.route(),
+        &model,
         prompt_tokens,
         usage["completion_tokens"].as_u64().unwrap_or(0) as usize,
         200,
         start,
     );
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": req.model,
+    let mut response = json!({
+        "id": id, "object": endpoint.object(false), "created": created, "model": model,
         "choices": choices, "usage": usage,
-    }))
-    .into_response())
+    });
+    if let Endpoint::Chat = endpoint {
+        response["system_fingerprint"] = Value::Null;
+    }
+    Ok(Json(response).into_response())
 }
 
 /// What a streamed response needs to shape its chunks.
