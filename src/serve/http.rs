@@ -292,6 +292,9 @@ async fn outputs(
     }
 }
 
+/// A request's model name, tokenised prompts and settings.
+type Parsed = (String, Vec<Vec<u32>>, Sampling);
+
 /// The two generation endpoints: they differ in how a request becomes prompts and how a choice
 /// is shaped, and share everything else.
 #[derive(Clone, Copy)]
@@ -337,11 +340,7 @@ impl Endpoint {
     }
 
     /// The request's model name, tokenised prompts (the parameter they came from) and settings.
-    fn parse(
-        self,
-        state: &AppState,
-        body: &[u8],
-    ) -> Result<(String, Vec<Vec<u32>>, Sampling), (ApiError, String)> {
+    fn parse(self, state: &AppState, body: &[u8]) -> Result<Parsed, (ApiError, String)> {
         let no_model = |e| (e, "-".to_string());
         let tokenize_error = |param: &str, model: &str, e: crate::Error| {
             (ApiError::invalid(param, e.to_string()), model.to_string())
