@@ -7,9 +7,9 @@
 //! (8 intents, 16 training rows each, 32 steps; several minutes on two cores):
 //! `cargo test --release --features cli --test banking77 -- --ignored --nocapture`.
 
+#[path = "common/banking77.rs"]
+mod banking77;
 mod common;
-
-use std::path::PathBuf;
 
 use qlora::data::{ColumnMap, DataConfig, SftDataset};
 use qlora::generate::GenerationConfig;
@@ -18,16 +18,7 @@ use qlora::model::{Message, Model};
 use qlora::polars::prelude::*;
 use qlora::train::{train, Progress, TrainConfig};
 
-const INTENTS: [&str; 8] = [
-    "card_arrival",
-    "lost_or_stolen_card",
-    "exchange_rate",
-    "pin_blocked",
-    "top_up_failed",
-    "terminate_account",
-    "request_refund",
-    "apple_pay_or_google_pay",
-];
+use banking77::{strings, subset, INTENTS};
 
 /// One experiment's size.
 struct Run {
@@ -39,66 +30,11 @@ struct Run {
     checkpointing: bool,
 }
 
-/// QLORA_BANKING77_DIR, else `../shared/data/banking77` beside the checkout, else the shared
-/// folder of this workplace (`/work/shared/data/banking77`, for clones made elsewhere).
-fn data_dir() -> PathBuf {
-    let candidates: Vec<PathBuf> = match std::env::var_os("QLORA_BANKING77_DIR") {
-        Some(dir) => vec![PathBuf::from(dir)],
-        None => vec![
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/banking77"),
-            PathBuf::from("/work/shared/data/banking77"),
-        ],
-    };
-    candidates
-        .iter()
-        .find(|d| d.join("train.csv").is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "Banking77 not found in {:?} (set QLORA_BANKING77_DIR to the folder with train.csv and test.csv)",
-                candidates
-            )
-        })
-}
-
 fn system_prompt(intents: &[&str]) -> String {
     format!(
         "Classify the bank customer's message into exactly one of these intents: {}. Answer with the intent name only.",
         intents.join(", ")
     )
-}
-
-/// A string column's values (empty for nulls).
-fn strings(frame: &DataFrame, name: &str) -> Vec<String> {
-    let column = frame.column(name).unwrap().str().unwrap();
-    (0..column.len())
-        .map(|i| column.get(i).unwrap_or_default().to_string())
-        .collect()
-}
-
-/// The first `per_intent` rows of each chosen intent, in file order.
-fn subset(file: &str, intents: &[&str], per_intent: usize) -> DataFrame {
-    let frame = CsvReadOptions::default()
-        .with_has_header(true)
-        .try_into_reader_with_file_path(Some(data_dir().join(file)))
-        .unwrap()
-        .finish()
-        .unwrap();
-    let mut taken = std::collections::HashMap::new();
-    let mask: Vec<bool> = strings(&frame, "category")
-        .into_iter()
-        .map(|c| {
-            if !intents.contains(&c.as_str()) {
-                return false;
-            }
-            let n = taken.entry(c).or_insert(0usize);
-            *n += 1;
-            *n <= per_intent
-        })
-        .collect();
-    frame
-        .filter(&BooleanChunked::from_slice("mask".into(), &mask))
-        .unwrap()
 }
 
 /// Share of test rows whose greedy answer is exactly the label.
@@ -125,8 +61,8 @@ fn accuracy(model: &Model, test: &DataFrame, system: &str) -> f64 {
 fn fine_tune_and_compare(run: &Run) {
     let intents = &INTENTS[..run.intents];
     let system = system_prompt(intents);
-    let train_frame = subset("train.csv", intents, run.train_per_intent);
-    let test_frame = subset("test.csv", intents, run.test_per_intent);
+    let train_frame = subset("train.csv", intents, 0, run.train_per_intent);
+    let test_frame = subset("test.csv", intents, 0, run.test_per_intent);
     assert_eq!(train_frame.height(), intents.len() * run.train_per_intent);
     assert_eq!(test_frame.height(), intents.len() * run.test_per_intent);
 

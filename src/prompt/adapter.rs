@@ -279,22 +279,21 @@ impl Style {
     }
 
     fn output_requirements(self, sig: &Signature) -> String {
+        let fields = |marker: fn(&str) -> String| {
+            sig.outputs()
+                .iter()
+                .map(|f| format!("`{}`{}", marker(&f.name), type_info(f)))
+                .collect::<Vec<_>>()
+                .join(", then ")
+        };
         match self {
             Style::Chat => format!(
                 "Respond with the corresponding output fields, starting with the field {}, and then ending with the marker for `[[ ## completed ## ]]`.",
-                sig.outputs()
-                    .iter()
-                    .map(|f| format!("`[[ ## {} ## ]]`{}", f.name, type_info(f)))
-                    .collect::<Vec<_>>()
-                    .join(", then ")
+                fields(|name| format!("[[ ## {name} ## ]]"))
             ),
             Style::Json => format!(
                 "Respond with a JSON object in the following order of fields: {}.",
-                sig.outputs()
-                    .iter()
-                    .map(|f| format!("`{}`{}", f.name, type_info(f)))
-                    .collect::<Vec<_>>()
-                    .join(", then ")
+                fields(str::to_string)
             ),
         }
     }

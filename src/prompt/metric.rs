@@ -182,6 +182,23 @@ fn references(v: &Value) -> Vec<String> {
     }
 }
 
+/// The best `score(predicted, reference)` over the example's reference(s) in `field`; 0 when
+/// either side lacks the field.
+fn best_over_references(
+    example: &Example,
+    prediction: &Prediction,
+    field: &str,
+    score: impl Fn(&str, &str) -> f64,
+) -> f64 {
+    let (Some(gold), Some(pred)) = (example.get(field), prediction.get_str(field)) else {
+        return 0.0;
+    };
+    references(gold)
+        .iter()
+        .map(|r| score(&pred, r))
+        .fold(0.0, f64::max)
+}
+
 /// DSPy's `answer_exact_match`: with `frac >= 1`, normalised exact match against the answer
 /// (or any of a list of answers); otherwise the best token F1 must reach `frac`.
 #[derive(Debug, Clone)]
@@ -215,15 +232,12 @@ impl Metric for AnswerExactMatch {
         prediction: &Prediction,
         _trace: Option<&[TraceStep]>,
     ) -> f64 {
-        let (Some(gold), Some(pred)) = (example.get(&self.field), prediction.get_str(&self.field))
-        else {
-            return 0.0;
-        };
-        let refs = references(gold);
         let ok = if self.frac >= 1.0 {
-            refs.iter().any(|r| em_score(&pred, r))
+            best_over_references(example, prediction, &self.field, |p, r| {
+                em_score(p, r) as u8 as f64
+            }) == 1.0
         } else {
-            refs.iter().map(|r| f1_score(&pred, r)).fold(0.0, f64::max) >= self.frac
+            best_over_references(example, prediction, &self.field, f1_score) >= self.frac
         };
         ok as u8 as f64
     }
@@ -255,14 +269,7 @@ impl Metric for AnswerF1 {
         prediction: &Prediction,
         _trace: Option<&[TraceStep]>,
     ) -> f64 {
-        let (Some(gold), Some(pred)) = (example.get(&self.field), prediction.get_str(&self.field))
-        else {
-            return 0.0;
-        };
-        references(gold)
-            .iter()
-            .map(|r| f1_score(&pred, r))
-            .fold(0.0, f64::max)
+        best_over_references(example, prediction, &self.field, f1_score)
     }
     fn name(&self) -> String {
         "f1".into()

@@ -387,9 +387,10 @@ impl BetterTogether {
             "p".to_string(),
             StepOptimizer::RandomSearch(BootstrapFewShotWithRandomSearch::from_arc(metric.clone())),
         );
-        let mut w = BootstrapFinetune::without_metric();
-        w.metric = Some(metric.clone());
-        optimizers.insert("w".to_string(), StepOptimizer::Finetune(w));
+        optimizers.insert(
+            "w".to_string(),
+            StepOptimizer::Finetune(BootstrapFinetune::from_arc(metric.clone())),
+        );
         Self {
             metric,
             optimizers,

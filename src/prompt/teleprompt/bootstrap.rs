@@ -10,8 +10,8 @@ use super::super::metric::Metric;
 use super::super::predict::{Context, LmConfig, Module};
 use super::super::py::PyRandom;
 use super::labeled::LabeledFewShot;
-use super::{Compiled, OptimizerReport, ReportRow};
-use crate::{Error, Result};
+use super::{matching_predictors, require_inputs, Compiled, OptimizerReport, ReportRow};
+use crate::Result;
 
 /// Bootstraps demos from a teacher's successful traces — DSPy's `BootstrapFewShot`, with its
 /// defaults and algorithm:
@@ -90,8 +90,13 @@ impl Default for BootstrapFewShot {
 impl BootstrapFewShot {
     /// DSPy's defaults with `metric`.
     pub fn new(metric: impl Metric + 'static) -> Self {
+        Self::from_arc(Arc::new(metric))
+    }
+
+    /// DSPy's defaults with a shared metric.
+    pub fn from_arc(metric: Arc<dyn Metric>) -> Self {
         Self {
-            metric: Some(Arc::new(metric)),
+            metric: Some(metric),
             ..Self::default()
         }
     }
@@ -135,9 +140,7 @@ impl BootstrapFewShot {
         trainset: &[Example],
         ctx: &Context,
     ) -> Result<Compiled<P>> {
-        for (i, ex) in trainset.iter().enumerate() {
-            ex.require_inputs("trainset", i)?;
-        }
+        require_inputs("trainset", trainset)?;
         let mut student = student.clone();
         student.reset();
         let mut teacher = teacher.cloned().unwrap_or_else(|| student.clone());
@@ -146,34 +149,7 @@ impl BootstrapFewShot {
                 .compile(&teacher, trainset)
                 .program;
         }
-        let student_names: Vec<String> = student
-            .named_predictors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        let teacher_names: Vec<String> = teacher
-            .named_predictors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        if student_names != teacher_names {
-            return Err(Error::InvalidArgument(format!(
-                "student and teacher must have the same predictors: {student_names:?} vs {teacher_names:?}"
-            )));
-        }
-        for ((n, s), (_, t)) in student
-            .named_predictors()
-            .iter()
-            .zip(teacher.named_predictors())
-        {
-            if s.signature.inputs() != t.signature.inputs()
-                || s.signature.outputs() != t.signature.outputs()
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "student and teacher predictor `{n}` have different signatures"
-                )));
-            }
-        }
+        let student_names = matching_predictors("BootstrapFewShot", &student, &teacher)?;
 
         // Bootstrap.
         let mut rows = vec![];

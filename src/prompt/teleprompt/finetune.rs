@@ -9,7 +9,7 @@ use super::super::example::Example;
 use super::super::metric::Metric;
 use super::super::predict::{Context, Module, Predict};
 use super::super::py::PyRandom;
-use super::{OptimizerReport, ReportRow};
+use super::{matching_predictors, require_inputs, OptimizerReport, ReportRow};
 use crate::data::{DataConfig, Record, SftDataset};
 use crate::lora::PeftModel;
 use crate::model::Message;
@@ -86,23 +86,26 @@ pub struct Finetuned<P> {
 impl BootstrapFinetune {
     /// DSPy's defaults with `metric`.
     pub fn new(metric: impl Metric + 'static) -> Self {
-        Self {
-            metric: Some(Arc::new(metric)),
-            exclude_demos: false,
-            data_config: DataConfig::default(),
-            train_config: TrainConfig::default(),
-            adapter: ChatAdapter::default(),
-        }
+        Self::from_arc(Arc::new(metric))
+    }
+
+    /// DSPy's defaults with a shared metric.
+    pub fn from_arc(metric: Arc<dyn Metric>) -> Self {
+        Self::with_metric(Some(metric))
     }
 
     /// Keeps every successful run (no metric).
     pub fn without_metric() -> Self {
+        Self::with_metric(None)
+    }
+
+    fn with_metric(metric: Option<Arc<dyn Metric>>) -> Self {
         Self {
-            metric: None,
-            ..Self::new(super::super::metric::metric_fn(
-                "none",
-                |_: &Example, _: &super::super::example::Prediction| 1.0,
-            ))
+            metric,
+            exclude_demos: false,
+            data_config: DataConfig::default(),
+            train_config: TrainConfig::default(),
+            adapter: ChatAdapter::default(),
         }
     }
 
@@ -133,25 +136,9 @@ impl BootstrapFinetune {
         trainset: &[Example],
         ctx: &Context,
     ) -> Result<(Vec<Record>, OptimizerReport)> {
-        for (i, ex) in trainset.iter().enumerate() {
-            ex.require_inputs("trainset", i)?;
-        }
+        require_inputs("trainset", trainset)?;
         let teacher = teacher.cloned().unwrap_or_else(|| student.clone());
-        let s_names: Vec<String> = student
-            .named_predictors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        let t_names: Vec<String> = teacher
-            .named_predictors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        if s_names != t_names {
-            return Err(Error::InvalidArgument(format!(
-                "BootstrapFinetune: student and teacher must have the same predictors: {s_names:?} vs {t_names:?}"
-            )));
-        }
+        matching_predictors("BootstrapFinetune", student, &teacher)?;
         let by_id: HashMap<u64, (String, &Predict)> = teacher
             .named_predictors()
             .into_iter()

@@ -17,7 +17,7 @@ use super::super::py::{py_repr, PyRandom};
 use super::super::signature::Signature;
 use super::bootstrap::BootstrapFewShot;
 use super::labeled::LabeledFewShot;
-use super::{Candidate, Compiled, OptimizerReport, ReportRow};
+use super::{require_inputs, Candidate, Compiled, OptimizerReport, ReportRow};
 use crate::{Error, Result};
 
 /// DSPy's `auto` presets: candidates `n` and the valset size they subsample to.
@@ -358,12 +358,8 @@ impl MiproV2 {
                 (trainset[..cut].to_vec(), trainset[cut..].to_vec())
             }
         };
-        for (i, ex) in trainset.iter().enumerate() {
-            ex.require_inputs("trainset", i)?;
-        }
-        for (i, ex) in valset.iter().enumerate() {
-            ex.require_inputs("valset", i)?;
-        }
+        require_inputs("trainset", &trainset)?;
+        require_inputs("valset", &valset)?;
         let num_predictors = student.named_predictors().len();
         let (num_trials, minibatch, num_instruct, num_fewshot) = match self.auto {
             Some(auto) => {

@@ -38,8 +38,48 @@ use std::fmt;
 
 use polars::prelude::{Column, DataFrame};
 
+use super::example::Example;
+use super::predict::Module;
 use crate::display::{emit_html, escape_html};
 use crate::{Error, Result};
+
+/// Every example of `set` (called `what` in the error) says which keys are its inputs.
+fn require_inputs(what: &str, set: &[Example]) -> Result<()> {
+    set.iter()
+        .enumerate()
+        .try_for_each(|(i, ex)| ex.require_inputs(what, i))
+}
+
+/// The predictor names of `student`, checked against `teacher`'s: a teacher runs in the
+/// student's place, so both need the same predictors with the same fields.
+fn matching_predictors<P: Module>(
+    optimizer: &str,
+    student: &P,
+    teacher: &P,
+) -> Result<Vec<String>> {
+    let s = student.named_predictors();
+    let t = teacher.named_predictors();
+    let names = |v: &[(String, &super::predict::Predict)]| -> Vec<String> {
+        v.iter().map(|(n, _)| n.clone()).collect()
+    };
+    if names(&s) != names(&t) {
+        return Err(Error::InvalidArgument(format!(
+            "{optimizer}: student and teacher must have the same predictors: {:?} vs {:?}",
+            names(&s),
+            names(&t)
+        )));
+    }
+    for ((n, sp), (_, tp)) in s.iter().zip(&t) {
+        if sp.signature.inputs() != tp.signature.inputs()
+            || sp.signature.outputs() != tp.signature.outputs()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{optimizer}: student and teacher predictor `{n}` have different signatures"
+            )));
+        }
+    }
+    Ok(names(&s))
+}
 
 /// One step an optimiser took (a bootstrap attempt on one training example, or a demo set
 /// given to a predictor).
