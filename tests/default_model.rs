@@ -230,3 +230,69 @@ fn bad_generation_requests_are_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
 }
+
+/// DSPy-style prompts share a long beginning (system message, demos). Starting from the cached
+/// keys and values of that beginning gives the logits and the greedy output of a fresh run.
+#[test]
+fn prefix_cache_reuses_a_shared_prompt_beginning() {
+    let m = model();
+    let system = Message::system(
+        "Your input fields are:\n1. `text` (str)\nYour output fields are:\n1. `intent` (str)\n\
+         Classify the bank customer's message into one of: card_arrival, lost_or_stolen_card, \
+         exchange_rate, pin_blocked. Answer with the intent only.",
+    );
+    let ask = |text: &str| vec![system.clone(), Message::user(text)];
+    let first = ask("My card still has not arrived after two weeks.");
+    let second = ask("What exchange rate do you use for euros?");
+    let config = GenerationConfig::greedy(16);
+
+    // Logits: the first prompt's cache cut to the shared part, then the rest of the second
+    // prompt, against the second prompt run whole.
+    let tokens = |c: &[Message]| {
+        m.tokenizer
+            .encode(&m.apply_chat_template(c, true).unwrap(), true)
+            .unwrap()
+    };
+    let (a, b) = (tokens(&first), tokens(&second));
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(shared > 40, "the prompts share {shared} tokens");
+    let row = |t: &[u32]| Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut cache = KvCache::new(m.config().num_hidden_layers);
+    m.decoder
+        .forward_last(&row(&a), None, Some(&mut cache))
+        .unwrap();
+    cache.truncate(shared).unwrap();
+    assert_eq!(cache.seq_len(), shared);
+    let reused = m
+        .decoder
+        .forward_last(&row(&b[shared..]), None, Some(&mut cache))
+        .unwrap();
+    let fresh = m.decoder.forward_last(&row(&b), None, None).unwrap();
+    let diff: f32 = (reused - fresh)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-3, "logits differ by {diff}");
+
+    // Generation: the second prompt after the first, with the cache, equals a fresh run.
+    let prefixes = qlora::generate::PrefixCache::new(2);
+    let fresh_first = m.generate_chat(&first, &config).unwrap();
+    let fresh_second = m.generate_chat(&second, &config).unwrap();
+    let cached_first = m.generate_chat_reusing(&first, &config, &prefixes).unwrap();
+    let cached_second = m
+        .generate_chat_reusing(&second, &config, &prefixes)
+        .unwrap();
+    let again = m
+        .generate_chat_reusing(&second, &config, &prefixes)
+        .unwrap();
+    assert_eq!(cached_first, fresh_first);
+    assert_eq!(cached_second, fresh_second);
+    assert_eq!(again, fresh_second);
+    let stats = prefixes.stats();
+    assert_eq!((stats.lookups, stats.hits), (3, 2));
+    assert_eq!(stats.reused_tokens, shared + b.len() - 1);
+}

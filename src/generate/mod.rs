@@ -1,11 +1,13 @@
 //! Text generation: greedy and sampled decoding with a KV cache, stop conditions, streaming,
 //! and batches of prompts (left-padded, as transformers' `generate` pads decoder-only models).
 
+pub mod prefix;
 pub mod sampling;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use prefix::{PrefixCache, PrefixCacheStats};
 use sampling::Sampler;
 
 use crate::model::{KvCache, Message, Model};
@@ -314,6 +316,35 @@ impl Model {
     pub fn generate_rows(
         &self,
         batch: Vec<BatchRow>,
+        on_step: impl FnMut(usize, &str) -> RowControl,
+    ) -> Result<Vec<GenerationOutput>> {
+        self.generate_rows_reusing(batch, None, on_step)
+    }
+
+    /// Renders `messages` with the chat template and generates, starting from the longest
+    /// prompt beginning `prefixes` holds and storing this prompt's keys and values there (see
+    /// [`PrefixCache`]).
+    pub fn generate_chat_reusing(
+        &self,
+        messages: &[Message],
+        config: &GenerationConfig,
+        prefixes: &PrefixCache,
+    ) -> Result<GenerationOutput> {
+        let prompt = self.apply_chat_template(messages, true)?;
+        let row = BatchRow {
+            prompt: self.tokenizer.encode(&prompt, true)?,
+            config: config.clone(),
+        };
+        let mut out =
+            self.generate_rows_reusing(vec![row], Some(prefixes), |_, _| RowControl::Continue)?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Model::generate_rows`], with a [`PrefixCache`] used when the batch has one row.
+    pub fn generate_rows_reusing(
+        &self,
+        batch: Vec<BatchRow>,
+        prefixes: Option<&PrefixCache>,
         mut on_step: impl FnMut(usize, &str) -> RowControl,
     ) -> Result<Vec<GenerationOutput>> {
         for row in &batch {
@@ -394,6 +425,16 @@ impl Model {
             .collect();
         let mut input = Tensor::from_vec(input, (active.len(), longest), &device)?;
         let mut cache = KvCache::new(self.decoder.layers.len());
+        // One sequence: start from the longest cached beginning of its prompt.
+        let prefixes = prefixes.filter(|_| active.len() == 1);
+        if let Some(p) = prefixes {
+            let prompt = &rows[active[0]].prompt;
+            if let Some((shared, kv)) = p.lookup(prompt)? {
+                cache = kv;
+                input = Tensor::new(&prompt[shared..], &device)?.unsqueeze(0)?;
+            }
+        }
+        let mut prefill = true;
 
         loop {
             let mask_t = if padded {
@@ -407,6 +448,10 @@ impl Model {
                 .decoder
                 .forward_last(&input, mask_t.as_ref(), Some(&mut cache))?
                 .to_dtype(DType::F32)?;
+            if let Some(p) = prefixes.filter(|_| prefill) {
+                p.store(&rows[active[0]].prompt, cache.clone());
+            }
+            prefill = false;
             let mut next = Vec::with_capacity(active.len());
             for (slot, &r) in active.iter().enumerate() {
                 let row = &mut rows[r];

@@ -35,13 +35,30 @@ impl KvCache {
             .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let kv = match &self.layers[layer] {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
         };
         self.layers[layer] = Some(kv.clone());
         Ok(kv)
+    }
+
+    /// Keeps the first `len` positions, e.g. the part of a cached prompt that a new prompt
+    /// shares.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            if len < k.dim(2)? {
+                *k = k.narrow(2, 0, len)?.contiguous()?;
+                *v = v.narrow(2, 0, len)?.contiguous()?;
+            }
+        }
+        Ok(())
     }
 
     /// Keeps only the batch rows in `rows` (generation drops finished sequences).

@@ -29,7 +29,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::display::{emit_html, escape_html};
-use crate::generate::GenerationConfig;
+use crate::generate::{GenerationConfig, PrefixCache, PrefixCacheStats};
 use crate::lora::PeftModel;
 use crate::model::{Message, Model};
 use crate::{Error, Result};
@@ -303,6 +303,10 @@ impl fmt::Display for History {
 // ---------------------------------------------------------------------------------------------
 // LocalLm
 
+/// Prompts whose keys and values a [`LocalLm`] keeps (a teacher's and a student's prompt,
+/// with room to spare).
+const PREFIX_CACHE_PROMPTS: usize = 4;
+
 #[derive(Debug)]
 enum Backend {
     Base(Arc<Model>),
@@ -329,6 +333,7 @@ pub struct LocalLm {
     /// Default generation settings for requests that leave them unset.
     pub defaults: GenerationConfig,
     history: LmHistory,
+    prefixes: Option<PrefixCache>,
 }
 
 impl LocalLm {
@@ -345,6 +350,7 @@ impl LocalLm {
             name,
             defaults: GenerationConfig::greedy(256),
             history: LmHistory::default(),
+            prefixes: Some(PrefixCache::new(PREFIX_CACHE_PROMPTS)),
         }
     }
 
@@ -361,6 +367,7 @@ impl LocalLm {
             name,
             defaults: GenerationConfig::greedy(256),
             history: LmHistory::default(),
+            prefixes: Some(PrefixCache::new(PREFIX_CACHE_PROMPTS)),
         }
     }
 
@@ -380,6 +387,21 @@ impl LocalLm {
     pub fn named(mut self, name: &str) -> Self {
         self.name = name.to_string();
         self
+    }
+
+    /// Turns the reuse of shared prompt beginnings on (the default) or off. On, a single
+    /// request runs only the tokens after the longest beginning it shares with one of the
+    /// last prompts (the signature's system message and the demos): an evaluation with
+    /// 16 demos runs several times faster. Outputs agree with a fresh run except at
+    /// near-ties of greedy decoding (see [`PrefixCache`]).
+    pub fn prefix_cache(mut self, on: bool) -> Self {
+        self.prefixes = on.then(|| PrefixCache::new(PREFIX_CACHE_PROMPTS));
+        self
+    }
+
+    /// What the prefix cache saved (`None` when it is off).
+    pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        self.prefixes.as_ref().map(PrefixCache::stats)
     }
 
     /// The model that generates (with adapters attached when there are any).
@@ -448,7 +470,14 @@ impl Lm for LocalLm {
                     owner.push(i);
                 }
             }
-            let outputs = self.model().generate_chat_batch(&conversations, &config)?;
+            let outputs = match &self.prefixes {
+                Some(p) if conversations.len() == 1 => {
+                    vec![self
+                        .model()
+                        .generate_chat_reusing(&conversations[0], &config, p)?]
+                }
+                _ => self.model().generate_chat_batch(&conversations, &config)?,
+            };
             for (out, &i) in outputs.into_iter().zip(&owner) {
                 let resp = responses[i].get_or_insert_with(|| LmResponse {
                     choices: vec![],
