@@ -8,7 +8,8 @@
 //!    format without demos), zero-shot;
 //! 4. fine-tuned + BootstrapFewShot (the tuned model as teacher and student);
 //! 5. BetterTogether `"p -> w -> p"` (p: BootstrapFewShot, w: BootstrapFinetune on the
-//!    program's own successful traces), scored on a validation split taken from train.csv.
+//!    program's own successful traces, recorded without their demos so that the training
+//!    sequences stay short), scored on a validation split taken from train.csv.
 //!
 //! ```text
 //! cargo run --release --features cli --example banking77_synergy -- \
@@ -259,7 +260,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .optimizer("p", BootstrapFewShot::from_arc(metric.clone()))
             .optimizer(
                 "w",
-                BootstrapFinetune::from_arc(metric.clone()).train_config(train_config("bt-train")),
+                BootstrapFinetune::from_arc(metric.clone())
+                    .exclude_demos(true)
+                    .train_config(train_config("bt-train")),
             )
             .strategy("p -> w -> p")
             .lm({
