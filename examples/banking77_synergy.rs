@@ -21,6 +21,8 @@
 
 #[path = "../tests/common/banking77.rs"]
 mod banking77;
+#[path = "common/flags.rs"]
+mod flags;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,34 +70,24 @@ fn parse_args() -> Result<Args, String> {
         run_dir: PathBuf::from("target/banking77-synergy"),
         json: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--skip-better-together" {
-            a.better_together = false;
-            continue;
+    flags::parse(USAGE, &["--skip-better-together"], |flag, v| {
+        match flag {
+            "--skip-better-together" => a.better_together = false,
+            "--model" => a.model = v.to_string(),
+            "--intents" => a.intents = flags::value(flag, v)?,
+            "--train" => a.train = flags::value(flag, v)?,
+            "--val" => a.val = flags::value(flag, v)?,
+            "--test" => a.test = flags::value(flag, v)?,
+            "--epochs" => a.epochs = flags::value(flag, v)?,
+            "--batch" => a.batch = flags::value(flag, v)?,
+            "--lr" => a.lr = flags::value(flag, v)?,
+            "--max-tokens" => a.max_tokens = flags::value(flag, v)?,
+            "--run-dir" => a.run_dir = PathBuf::from(v),
+            "--json" => a.json = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown flag {flag}")),
         }
-        if flag == "-h" || flag == "--help" {
-            return Err(USAGE.into());
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}\n{USAGE}");
-        match flag.as_str() {
-            "--model" => a.model = value.clone(),
-            "--intents" => a.intents = value.parse().map_err(|e| bad(&e))?,
-            "--train" => a.train = value.parse().map_err(|e| bad(&e))?,
-            "--val" => a.val = value.parse().map_err(|e| bad(&e))?,
-            "--test" => a.test = value.parse().map_err(|e| bad(&e))?,
-            "--epochs" => a.epochs = value.parse().map_err(|e| bad(&e))?,
-            "--batch" => a.batch = value.parse().map_err(|e| bad(&e))?,
-            "--lr" => a.lr = value.parse().map_err(|e| bad(&e))?,
-            "--max-tokens" => a.max_tokens = value.parse().map_err(|e| bad(&e))?,
-            "--run-dir" => a.run_dir = PathBuf::from(&value),
-            "--json" => a.json = Some(PathBuf::from(&value)),
-            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
-        }
-    }
+        Ok(())
+    })?;
     if a.intents == 0 || a.intents > banking77::INTENTS.len() {
         return Err(format!(
             "--intents must be 1..={}",
@@ -129,7 +121,10 @@ struct Row {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args().map_err(|e| -> Box<dyn std::error::Error> { e.into() })?;
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
     let started = Instant::now();
     let intents = &banking77::INTENTS[..args.intents];
     let trainset = examples(&banking77::subset("train.csv", intents, 0, args.train));

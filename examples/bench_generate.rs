@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/banking77.rs"]
 mod banking77;
+#[path = "common/flags.rs"]
+mod flags;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,26 +51,19 @@ fn parse_args() -> Result<Args, String> {
         json: None,
         workload: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            return Err(USAGE.into());
+    flags::parse(USAGE, &[], |flag, v| {
+        match flag {
+            "--model" => a.model = v.to_string(),
+            "--decode-tokens" => a.decode_tokens = flags::value(flag, v)?,
+            "--requests" => a.requests = flags::value(flag, v)?,
+            "--demos" => a.demos = flags::value(flag, v)?,
+            "--max-tokens" => a.max_tokens = flags::value(flag, v)?,
+            "--json" => a.json = Some(PathBuf::from(v)),
+            "--workload" => a.workload = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown flag {flag}")),
         }
-        let value = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}\n{USAGE}");
-        match flag.as_str() {
-            "--model" => a.model = value.clone(),
-            "--decode-tokens" => a.decode_tokens = value.parse().map_err(|e| bad(&e))?,
-            "--requests" => a.requests = value.parse().map_err(|e| bad(&e))?,
-            "--demos" => a.demos = value.parse().map_err(|e| bad(&e))?,
-            "--max-tokens" => a.max_tokens = value.parse().map_err(|e| bad(&e))?,
-            "--json" => a.json = Some(PathBuf::from(&value)),
-            "--workload" => a.workload = Some(PathBuf::from(&value)),
-            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
-        }
-    }
+        Ok(())
+    })?;
     Ok(a)
 }
 
@@ -121,7 +116,10 @@ fn few_shot_prompts(requests: usize, demos: usize) -> Vec<Vec<Message>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args().map_err(|e| -> Box<dyn std::error::Error> { e.into() })?;
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
     let model = Model::load(&args.model)?;
 
     // 1. One long prompt: time to the first token, then the rest.

@@ -14,23 +14,9 @@ REQUESTS="${REQUESTS:-10}"
 DEMOS="${DEMOS:-16}"
 MAX_TOKENS="${MAX_TOKENS:-16}"
 DECODE_TOKENS="${DECODE_TOKENS:-64}"
-THREADS="${THREADS:-$(nproc)}"
-REF_VENV="${REF_VENV:-${QLORA_REF_VENV:-$HOME/.cache/qlora/ref-venv}}"
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-PY="$REF_VENV/bin/python"
+. scripts/bench-common.sh
+bench_setup "$out" bench_generate
 
-[ -f "$MODEL" ] || ./scripts/fetch-model.sh models
-if [ ! -x "$PY" ]; then
-  echo "error: no reference venv at $REF_VENV (run \`make reference\` once)" >&2
-  exit 1
-fi
-mkdir -p "$out"
-
-echo "== building the release example" >&2
-cargo build --release --example bench_generate >&2
-bin="${CARGO_TARGET_DIR:-target}/release/examples/bench_generate"
-
-echo "== $(date -u +%FT%TZ)  threads: $THREADS  load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 echo "== ours" >&2
 env RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS" "$bin" --model default \
   --requests "$REQUESTS" --demos "$DEMOS" --max-tokens "$MAX_TOKENS" \

@@ -27,26 +27,12 @@ BATCH="${BATCH:-4}"
 SEQ="${SEQ:-128}"
 CONFIGS="${CONFIGS:-q,v:off q,v:on all-linear:off all-linear:on}"
 TORCH_PRECISIONS="${TORCH_PRECISIONS:-fp32 bf16}"
-REF_VENV="${REF_VENV:-${QLORA_REF_VENV:-$HOME/.cache/qlora/ref-venv}}"
 OURS_ENV="${OURS_ENV:-}"
 OURS_TUNED_ENV="${OURS_TUNED_ENV:-}"
-THREADS="${THREADS:-$(nproc)}"
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-PY="$REF_VENV/bin/python"
-
-[ -f "$MODEL" ] || ./scripts/fetch-model.sh models
-if [ ! -x "$PY" ]; then
-  echo "error: no reference venv at $REF_VENV (run \`make reference\` once)" >&2
-  exit 1
-fi
-mkdir -p "$out"
-
-echo "== building the release example" >&2
-cargo build --release --example bench_train >&2
-bin="${CARGO_TARGET_DIR:-target}/release/examples/bench_train"
+. scripts/bench-common.sh
+bench_setup "$out" bench_train
 
 start=$(date +%s)
-echo "== $(date -u +%FT%TZ)  threads: $THREADS  load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for cfg in $CONFIGS; do
   targets="${cfg%%:*}"
   ckpt="${cfg##*:}"

@@ -316,6 +316,17 @@ pub fn matmul_t(x: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn kernels_agree_with_candle_dequantisation() {
         let dev = Device::Cpu;
@@ -325,26 +336,14 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let reference = q.dequantize(&dev).unwrap();
             let ours = dequantize(&q).unwrap().unwrap();
-            let diff = (&reference - &ours)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
             assert_eq!(
-                diff.to_scalar::<f32>().unwrap(),
+                max_abs_diff(&reference, &ours),
                 0.0,
                 "{dtype:?} dequantisation"
             );
             let expected = x.matmul(&reference.t().unwrap()).unwrap();
             let got = matmul_t(&x, &q).unwrap().unwrap();
-            let diff = (&expected - &got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{dtype:?} product");
+            assert!(max_abs_diff(&expected, &got) < 1e-4, "{dtype:?} product");
         }
     }
 
@@ -382,14 +381,7 @@ mod tests {
                 let xs = x.narrow(0, 0, n).unwrap();
                 let got = matmul_t(&xs, &q).unwrap().unwrap();
                 let expected = xs.matmul(&reference.t().unwrap()).unwrap();
-                let diff = (&expected - &got)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(&expected, &got);
                 assert!(diff < 1e-4, "{dtype:?}, {n} rows: {diff}");
                 let same = all.narrow(0, 0, n).unwrap();
                 assert_eq!(
