@@ -300,16 +300,7 @@ mod tests {
         let x = Tensor::ones((2, 32), DType::F32, &dev).unwrap();
         let eval1 = l1.delta(&x).unwrap().unwrap();
         let eval2 = l1.delta(&x).unwrap().unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::ops::max_abs_diff;
         assert_eq!(diff(&eval1, &eval2), 0.0);
         l1.set_training(true);
         l2.set_training(true);

@@ -408,14 +408,7 @@ mod tests {
         let a = dense.forward(x.as_tensor()).unwrap();
         let b = quant.forward(x.as_tensor()).unwrap();
         assert_eq!(a.dims(), &[2, 3, 8]);
-        let diff = (a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::ops::max_abs_diff(&a, &b);
         assert!(diff < 1e-5, "{diff}");
         let grads = b.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(x.as_tensor()).is_some());

@@ -315,17 +315,7 @@ pub fn matmul_t(x: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::ops::max_abs_diff;
 
     #[test]
     fn kernels_agree_with_candle_dequantisation() {

@@ -47,6 +47,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// Largest absolute difference between two tensors of the same shape (unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("tensors of the same shape")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -337,14 +337,8 @@ mod tests {
             .unwrap();
             let got = out.loss.backward().unwrap();
             for x in [hv.as_tensor(), wv.as_tensor()] {
-                let d = (got.get(x).expect("a gradient") - want.get(x).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d =
+                    crate::ops::max_abs_diff(got.get(x).expect("a gradient"), want.get(x).unwrap());
                 assert!(d < 1e-6, "chunk_rows {rows}: gradient differs by {d}");
             }
         }
