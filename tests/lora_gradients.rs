@@ -75,3 +75,57 @@ fn training_mode_with_dropout_backpropagates_on_the_gguf_base() {
     let peft = qlora::setup_qlora(model, &LoraConfig::qlora()).unwrap();
     assert_every_adapter_gets_gradient(&peft, 2 * 30);
 }
+
+/// Generation with a trainable adapter runs inside `no_grad`: the same logits, no graph (so no
+/// activation stays alive through the key/value cache), and gradients flow again afterwards.
+#[test]
+fn no_grad_records_nothing_and_changes_no_logit() {
+    let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
+    let config = LoraConfig::qlora().modules_to_save(["lm_head"]);
+    let peft = get_peft_model(model, &config).unwrap();
+    for (name, var) in peft.trainable_parameters() {
+        if name.contains("lora_B") {
+            let t = Tensor::randn(0f32, 0.01, var.shape(), &Device::Cpu).unwrap();
+            var.set(&t).unwrap();
+        }
+    }
+    let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253]], &Device::Cpu).unwrap();
+    let tracked = peft.forward(&ids, None).unwrap();
+    assert!(tracked.track_op(), "outside no_grad the adapter records a graph");
+    let untracked = qlora::ops::no_grad(|| peft.forward(&ids, None).unwrap());
+    assert!(!untracked.track_op(), "inside no_grad nothing is recorded");
+    let diff: f32 = (&tracked - &untracked)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    // Decoding a single row takes the fused kernels under no_grad; it must agree as well.
+    let last = ids.narrow(1, 5, 1).unwrap();
+    let mut cache = qlora::model::KvCache::new(peft.model().config().num_hidden_layers);
+    let step = qlora::ops::no_grad(|| {
+        peft.model()
+            .decoder
+            .forward(&ids.narrow(1, 0, 5).unwrap(), None, Some(&mut cache))
+            .unwrap();
+        peft.model()
+            .decoder
+            .forward(&last, None, Some(&mut cache))
+            .unwrap()
+    });
+    let want = tracked.narrow(1, 5, 1).unwrap();
+    let diff: f32 = (&want - &step)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-3, "cached decoding step differs by {diff}");
+    assert!(qlora::ops::grad_enabled());
+    assert!(peft.forward(&ids, None).unwrap().track_op());
+}

@@ -341,7 +341,18 @@ impl Model {
     }
 
     /// [`Model::generate_rows`], with a [`PrefixCache`] used when the batch has one row.
+    ///
+    /// Runs inside [`no_grad`](crate::ops::no_grad): a trainable adapter records no graph.
     pub fn generate_rows_reusing(
+        &self,
+        batch: Vec<BatchRow>,
+        prefixes: Option<&PrefixCache>,
+        on_step: impl FnMut(usize, &str) -> RowControl,
+    ) -> Result<Vec<GenerationOutput>> {
+        crate::ops::no_grad(|| self.generate_rows_untracked(batch, prefixes, on_step))
+    }
+
+    fn generate_rows_untracked(
         &self,
         batch: Vec<BatchRow>,
         prefixes: Option<&PrefixCache>,

@@ -102,6 +102,7 @@ impl PrefixCache {
         if prompt.len() < MIN_TOKENS {
             return;
         }
+        let kv = kv.detached();
         let mut state = self.state();
         state
             .entries

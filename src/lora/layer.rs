@@ -234,8 +234,14 @@ impl LinearAdapter for LoraLayer {
             } else {
                 x32.clone()
             };
-            let h = xin.matmul(&w.a.as_tensor().t()?)?;
-            let d = (h.matmul(&w.b.as_tensor().t()?)? * w.scaling)?;
+            // Inside no_grad the weights are used detached, so nothing records a graph.
+            let (a, b) = if crate::ops::grad_enabled() {
+                (w.a.as_tensor().clone(), w.b.as_tensor().clone())
+            } else {
+                (w.a.as_tensor().detach(), w.b.as_tensor().detach())
+            };
+            let h = xin.matmul(&a.t()?)?;
+            let d = (h.matmul(&b.t()?)? * w.scaling)?;
             total = Some(match total {
                 Some(t) => (t + d)?,
                 None => d,

@@ -49,6 +49,18 @@ impl KvCache {
         Ok(kv)
     }
 
+    /// The same keys and values without the graph that computed them (kept caches must not
+    /// keep a sequence's activations alive).
+    pub fn detached(&self) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (k.detach(), v.detach())))
+                .collect(),
+        }
+    }
+
     /// Keeps the first `len` positions, e.g. the part of a cached prompt that a new prompt
     /// shares.
     pub fn truncate(&mut self, len: usize) -> Result<()> {

@@ -292,11 +292,12 @@ impl Module for Linear {
         if let Some(d) = &delta {
             crate::ops::ids::reserve_ids_above(crate::ops::ids::tensor_id_value(d));
         }
+        let no_grad = !crate::ops::grad_enabled();
         let fused = match &self.weight {
             // Decoding a few rows without gradient: multiply straight from the blocks instead
             // of writing out the whole f32 weight (same numbers, ~an order of magnitude less
             // memory traffic).
-            LinearWeight::Ggml(q) if rows <= FUSED_MAX_ROWS && !xs.track_op() => {
+            LinearWeight::Ggml(q) if rows <= FUSED_MAX_ROWS && (no_grad || !xs.track_op()) => {
                 crate::ops::ggml::matmul_t(&x2, q)?
             }
             _ => None,
@@ -304,7 +305,11 @@ impl Module for Linear {
         let y = match fused {
             Some(y) => y,
             // Training: the weight is frozen, so only the input needs a gradient.
-            None if x2.track_op() && x2.device().is_cpu() && self.weight_is_frozen() => {
+            None if !no_grad
+                && x2.track_op()
+                && x2.device().is_cpu()
+                && self.weight_is_frozen() =>
+            {
                 FrozenMatmul::apply(&x2, self)?
             }
             None => x2.matmul(&self.dense_weight()?.t()?)?,
@@ -319,7 +324,9 @@ impl Module for Linear {
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
-        y.reshape(out_dims)
+        let y = y.reshape(out_dims)?;
+        // A trainable copy (modules_to_save) or bias would otherwise start a graph here.
+        Ok(if no_grad { y.detach() } else { y })
     }
 }
 

@@ -6,7 +6,10 @@
 //! A later step replaces them with custom ops that carry a hand-written backward for speed.
 
 pub mod ggml;
+mod grad;
 pub mod ids;
+
+pub use grad::{grad_enabled, no_grad};
 
 use candle_core::{DType, Result, Tensor, D};
 
