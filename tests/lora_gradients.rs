@@ -91,7 +91,10 @@ fn no_grad_records_nothing_and_changes_no_logit() {
     }
     let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253]], &Device::Cpu).unwrap();
     let tracked = peft.forward(&ids, None).unwrap();
-    assert!(tracked.track_op(), "outside no_grad the adapter records a graph");
+    assert!(
+        tracked.track_op(),
+        "outside no_grad the adapter records a graph"
+    );
     let untracked = qlora::ops::no_grad(|| peft.forward(&ids, None).unwrap());
     assert!(!untracked.track_op(), "inside no_grad nothing is recorded");
     let diff: f32 = (&tracked - &untracked)
