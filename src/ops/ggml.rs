@@ -268,7 +268,7 @@ fn simd_available() -> bool {
 }
 
 /// `x Wᵀ` for a few rows of `x` (`[n, in]`, f32) against GGML weight `W` (`[out, in]`),
-/// decoding each block once and reusing it for every row. `None` when not handled here.
+/// decoding each block once for up to four rows at a time. `None` when not handled here.
 pub fn matmul_t(x: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
     let Some((format, out_features, cols)) = supported(q) else {
         return Ok(None);

@@ -314,7 +314,9 @@ enum Backend {
 }
 
 /// The in-process model as an LM — the seed's `FineTunedLLM(dspy.LM)`. Messages go through
-/// the model's chat template; `complete_batch` generates several requests in one batch.
+/// the model's chat template; `complete_batch` generates several requests in one batch; a
+/// single request starts from the cached keys and values of the longest prompt beginning it
+/// shares with a recent one ([`LocalLm::prefix_cache`]); generation records no gradient graph.
 ///
 /// Defaults: greedy (temperature 0), 256 new tokens, seed 42; a request's own values win.
 ///
