@@ -100,7 +100,7 @@ pub struct Stats {
     pub rows: usize,
     /// Most rows in one batch.
     pub largest_batch: usize,
-    /// Rows stopped because their client went away or timed out.
+    /// Rows stopped (or never started) because their client went away or timed out.
     pub cancelled_rows: usize,
 }
 
@@ -215,8 +215,17 @@ fn worker(
         }
         pending = rest;
         counters.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
-        // Clients that left while their request waited.
-        batch.retain(|j| !j.events.is_closed());
+        // Clients that left while their request waited: their rows are cancelled before they
+        // start.
+        batch.retain(|j| {
+            let left = j.events.is_closed();
+            if left {
+                counters
+                    .cancelled_rows
+                    .fetch_add(j.rows.len(), Ordering::SeqCst);
+            }
+            !left
+        });
         if batch.is_empty() {
             continue;
         }
