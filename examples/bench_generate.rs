@@ -162,12 +162,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. Few-shot evaluation, one request after another, prefix cache on and off.
     let prompts = few_shot_prompts(args.requests, args.demos);
-    let lm = LocalLm::new(model).max_tokens(args.max_tokens);
+    let model = std::sync::Arc::new(model);
     let mut runs = vec![];
     let mut reused = 0.0;
-    let mut lm = Some(lm);
     for cached in [true, false] {
-        let this = lm.take().unwrap().prefix_cache(cached);
+        let this = LocalLm::from_arc(model.clone())
+            .max_tokens(args.max_tokens)
+            .prefix_cache(cached);
         let t0 = Instant::now();
         let mut tokens = 0;
         let mut texts = vec![];
@@ -187,13 +188,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokens,
             seconds / prompts.len() as f64
         );
-        runs.push((cached, seconds, tokens, texts));
-        lm = Some(this);
+        runs.push((seconds, tokens, texts));
     }
     let same = runs[0]
-        .3
+        .2
         .iter()
-        .zip(&runs[1].3)
+        .zip(&runs[1].2)
         .filter(|(a, b)| a == b)
         .count();
     println!(
@@ -221,12 +221,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "decode_tokens": new_tokens,
             "decode_tok_s": decode_tok_s,
             "few_shot_requests": prompts.len(),
-            "few_shot_prompt_tokens": runs[0].2,
-            "few_shot_seconds_prefix_cache": runs[0].1,
-            "few_shot_seconds_no_cache": runs[1].1,
+            "few_shot_prompt_tokens": runs[0].1,
+            "few_shot_seconds_prefix_cache": runs[0].0,
+            "few_shot_seconds_no_cache": runs[1].0,
             "prefix_tokens_reused": reused,
             "answers_identical_with_and_without_cache": same,
-            "answers": runs[0].3,
+            "answers": runs[0].2,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }

@@ -268,14 +268,7 @@ fn prefix_cache_reuses_a_shared_prompt_beginning() {
         .forward_last(&row(&b[shared..]), None, Some(&mut cache))
         .unwrap();
     let fresh = m.decoder.forward_last(&row(&b), None, None).unwrap();
-    let diff: f32 = (reused - fresh)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_abs_diff_t(&reused, &fresh);
     assert!(diff < 1e-3, "logits differ by {diff}");
 
     // Generation: the second prompt after the first, with the cache, equals a fresh run.

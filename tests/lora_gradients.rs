@@ -97,14 +97,7 @@ fn no_grad_records_nothing_and_changes_no_logit() {
     );
     let untracked = qlora::ops::no_grad(|| peft.forward(&ids, None).unwrap());
     assert!(!untracked.track_op(), "inside no_grad nothing is recorded");
-    let diff: f32 = (&tracked - &untracked)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_abs_diff_t(&tracked, &untracked);
     assert!(diff < 1e-4, "logits differ by {diff}");
     // Decoding a single row takes the fused kernels under no_grad; it must agree as well.
     let last = ids.narrow(1, 5, 1).unwrap();
@@ -120,14 +113,7 @@ fn no_grad_records_nothing_and_changes_no_logit() {
             .unwrap()
     });
     let want = tracked.narrow(1, 5, 1).unwrap();
-    let diff: f32 = (&want - &step)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = common::max_abs_diff_t(&want, &step);
     assert!(diff < 1e-3, "cached decoding step differs by {diff}");
     assert!(qlora::ops::grad_enabled());
     assert!(peft.forward(&ids, None).unwrap().track_op());

@@ -41,6 +41,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff_t(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("tensors of the same shape")
+}
+
 /// The reference venv's Python (`make reference` builds it).
 pub fn ref_python() -> PathBuf {
     let venv = std::env::var_os("QLORA_REF_VENV")
