@@ -83,13 +83,15 @@ fn no_grad_records_nothing_and_changes_no_logit() {
     let model = Model::load(common::default_gguf().to_str().unwrap()).unwrap();
     let config = LoraConfig::qlora().modules_to_save(["lm_head"]);
     let peft = get_peft_model(model, &config).unwrap();
+    let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253]], &Device::Cpu).unwrap();
+    // lora_B starts at zero, so these are the base model's logits.
+    let base = qlora::ops::no_grad(|| peft.forward(&ids, None).unwrap());
     for (name, var) in peft.trainable_parameters() {
         if name.contains("lora_B") {
             let t = Tensor::randn(0f32, 0.01, var.shape(), &Device::Cpu).unwrap();
             var.set(&t).unwrap();
         }
     }
-    let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253]], &Device::Cpu).unwrap();
     let tracked = peft.forward(&ids, None).unwrap();
     assert!(
         tracked.track_op(),
@@ -97,8 +99,16 @@ fn no_grad_records_nothing_and_changes_no_logit() {
     );
     let untracked = qlora::ops::no_grad(|| peft.forward(&ids, None).unwrap());
     assert!(!untracked.track_op(), "inside no_grad nothing is recorded");
+    // The tolerance must sit far below what the adapters change, or the comparison proves nothing.
+    let adapted_by = common::max_abs_diff_t(&tracked, &base);
+    assert!(
+        adapted_by > 0.05,
+        "the adapters moved logits by only {adapted_by}"
+    );
+    // Under no_grad the frozen linears take the fused quantised kernel instead of
+    // dequantise-then-gemm: another summation order, so f32 noise of ~1e-4 on logits near 20.
     let diff = common::max_abs_diff_t(&tracked, &untracked);
-    assert!(diff < 1e-4, "logits differ by {diff}");
+    assert!(diff < 1e-3, "logits differ by {diff}");
     // Decoding a single row takes the fused kernels under no_grad; it must agree as well.
     let last = ids.narrow(1, 5, 1).unwrap();
     let mut cache = qlora::model::KvCache::new(peft.model().config().num_hidden_layers);
