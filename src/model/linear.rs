@@ -196,6 +196,17 @@ impl Linear {
         }
     }
 
+    /// The same layer (adapter and bias included) with its weight dequantised once, for a caller
+    /// that multiplies by it many times in a row (the chunked loss runs the output head forward
+    /// and backward per chunk). A dense layer is returned as it is.
+    pub fn dequantized(&self) -> Result<Linear> {
+        let mut layer = self.clone();
+        if !matches!(self.weight, LinearWeight::Dense(_)) {
+            layer.weight = LinearWeight::Dense(self.dense_weight()?);
+        }
+        Ok(layer)
+    }
+
     /// Whether the weight takes no gradient (quantised weights never do; a dense one does when it
     /// is a variable).
     fn weight_is_frozen(&self) -> bool {

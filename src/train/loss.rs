@@ -141,6 +141,9 @@ pub fn causal_lm_loss(
     let flat = hidden.reshape((b * t, h))?;
     let track = hidden.track_op() || !head.variables().is_empty();
     let max_target = targets.iter().copied().max();
+    // One dequantisation for all chunks instead of two per chunk (forward and backward); the
+    // f32 head lives only for this call.
+    let head = &head.dequantized()?;
 
     let mut sum = 0f64;
     let mut grad_chunks = Vec::new();
