@@ -230,14 +230,8 @@ impl Attention {
         let v = repeat_kv(v, groups)?.contiguous()?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Mask and softmax in f32, as transformers' eager attention does, whatever the
-        // weights' dtype (the f32 mask value would overflow f16).
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = match &ctx.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        let probs = ops::attention_softmax(&q.matmul(&k.t()?)?, scale, ctx.mask.as_ref())?
+            .to_dtype(q.dtype())?;
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?

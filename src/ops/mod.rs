@@ -1,40 +1,49 @@
 //! Differentiable building blocks of the decoder.
 //!
 //! candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward pass and raise no
-//! error when one is needed: gradients silently stop at them. Every op here is composed from
-//! primitives that candle can differentiate, so LoRA adapters upstream of them receive gradient.
-//! A later step replaces them with custom ops that carry a hand-written backward for speed.
+//! error when one is needed: gradients silently stop at them. Each op here has a backward: on
+//! f32 CPU tensors it runs our fused kernel with a hand-written backward ([`fused`]); anything
+//! else (bf16/f16 compute, CUDA) takes the version composed from candle primitives
+//! ([`composed`]), which candle differentiates itself.
 
+pub mod composed;
+mod fused;
 pub mod ggml;
 mod grad;
 pub mod ids;
 
 pub use grad::{grad_enabled, no_grad};
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// RMSNorm as transformers computes it: in f32, then cast back, then scaled by `weight`.
 ///
 /// `y = weight * (x / sqrt(mean(x², last dim) + eps))`
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = xs.dtype();
-    let xs32 = xs.to_dtype(DType::F32)?;
-    let variance = xs32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xs32.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    if fused::supports(xs) && fused::supports(weight) {
+        fused::rms_norm(xs, weight, eps)
+    } else {
+        composed::rms_norm(xs, weight, eps)
+    }
 }
 
-/// Softmax over the last dimension, built from primitives (max-subtracted for stability).
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(xs, D::Minus1)
-}
-
-/// `x[..., :d/2]` and `x[..., d/2:]` swapped with the first half negated: `[-x2, x1]`.
-fn rotate_half(xs: &Tensor) -> Result<Tensor> {
-    let half = xs.dim(D::Minus1)? / 2;
-    let x1 = xs.narrow(D::Minus1, 0, half)?;
-    let x2 = xs.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+/// The attention weights `softmax(scores · scale + mask)` over the last dimension, in f32 as
+/// transformers' eager attention computes them whatever the model's dtype (the f32 mask value
+/// would overflow f16).
+///
+/// `scores` is `q·kᵀ`, `[batch, heads, queries, keys]`; `mask` is additive (0 where a key may be
+/// seen, the most negative f32 where not), `[batch, 1, queries, keys]`.
+pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    if fused::supports(scores) && mask.is_none_or(fused::supports) {
+        fused::attention_softmax(scores, scale as f32, mask)
+    } else {
+        let scores = (scores * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        composed::softmax_last_dim(&scores)
+    }
 }
 
 /// Rotary position embedding in the "rotate half" layout of transformers' Llama.
@@ -42,12 +51,20 @@ fn rotate_half(xs: &Tensor) -> Result<Tensor> {
 /// `xs` is `[batch, heads, seq, head_dim]`; `cos` and `sin` are `[batch, 1, seq, head_dim]`
 /// (already gathered for each row's positions, so left-padded batches work).
 pub fn apply_rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    xs.broadcast_mul(cos)? + rotate_half(xs)?.broadcast_mul(sin)?
+    if fused::supports(xs) && fused::supports(cos) && fused::supports(sin) {
+        fused::rope(xs, cos, sin)
+    } else {
+        composed::apply_rope(xs, cos, sin)
+    }
 }
 
 /// SwiGLU's gate: `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    if fused::supports(gate) && fused::supports(up) {
+        fused::swiglu(gate, up)
+    } else {
+        composed::swiglu(gate, up)
+    }
 }
 
 /// Largest absolute difference between two tensors of the same shape (unit tests).
@@ -126,7 +143,7 @@ mod tests {
     fn softmax_rows_sum_to_one_and_has_gradient() {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 7), &dev).unwrap()).unwrap();
-        let p = softmax_last_dim(x.as_tensor()).unwrap();
+        let p = composed::softmax_last_dim(x.as_tensor()).unwrap();
         let sums = p.sum(1).unwrap();
         assert_close(&sums, &Tensor::ones(4, DType::F32, &dev).unwrap(), 1e-6);
         let w = Tensor::randn(0f32, 1.0, (4, 7), &dev).unwrap();
