@@ -101,7 +101,10 @@ impl CustomOp2 for RmsNorm {
         let w = slice(s2, l2, self.name())?;
         let d = w.len();
         if l1.dims().last() != Some(&d) {
-            candle_core::bail!("rms_norm: weight has {d} entries, input rows {:?}", l1.dims());
+            candle_core::bail!(
+                "rms_norm: weight has {d} entries, input rows {:?}",
+                l1.dims()
+            );
         }
         let mut out = vec![0f32; x.len()];
         for_rows(&mut out, d, |i, y| {
@@ -127,7 +130,10 @@ impl CustomOp2 for RmsNorm {
         let packed = x.detach().apply_op3_no_bwd(
             &weight.detach(),
             &grad.contiguous()?,
-            &RmsNormBackward { eps: self.eps, rows },
+            &RmsNormBackward {
+                eps: self.eps,
+                rows,
+            },
         )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = if weight.track_op() {
@@ -166,7 +172,11 @@ impl CustomOp3 for RmsNormBackward {
         let d = w.len();
         let n = self.rows * d;
         if x.len() != n || g.len() != n {
-            candle_core::bail!("rms_norm backward: {} inputs and {} gradients for {n}", x.len(), g.len());
+            candle_core::bail!(
+                "rms_norm backward: {} inputs and {} gradients for {n}",
+                x.len(),
+                g.len()
+            );
         }
         let mut out = vec![0f32; n + d];
         let (dx, dw) = out.split_at_mut(n);
@@ -175,7 +185,12 @@ impl CustomOp3 for RmsNormBackward {
             let x = &x[i * d..(i + 1) * d];
             let g = &g[i * d..(i + 1) * d];
             let r = inv_rms(x, self.eps);
-            let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x * r).sum();
+            let dot: f32 = x
+                .iter()
+                .zip(g)
+                .zip(w)
+                .map(|((x, g), w)| g * w * x * r)
+                .sum();
             let mean = dot / d as f32;
             for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
                 *dx = r * (g * w - x * r * mean);
@@ -241,7 +256,12 @@ impl Rope {
     fn check(&self, xs: &Tensor) -> Result<()> {
         let (b, _, t, d) = xs.dims4()?;
         let (cb, one, ct, cd) = self.cos.dims4()?;
-        if one != 1 || ct != t || cd != d || (cb != b && cb != 1) || self.sin.dims() != self.cos.dims() {
+        if one != 1
+            || ct != t
+            || cd != d
+            || (cb != b && cb != 1)
+            || self.sin.dims() != self.cos.dims()
+        {
             candle_core::bail!(
                 "rope: tables {:?} / {:?} do not fit an input {:?}",
                 self.cos.dims(),
@@ -308,14 +328,22 @@ impl CustomOp1 for Rope {
 /// `softmax(scores · scale + mask)` over the last dimension, with `scores` `[batch, heads, q, k]`
 /// and `mask` (additive, 0 or a large negative) `[batch or 1, 1, q, k]`. Differentiable in
 /// `scores`.
-pub(crate) fn attention_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn attention_softmax(
+    scores: &Tensor,
+    scale: f32,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let scores = scores.contiguous()?;
     let (b, _, q, k) = scores.dims4()?;
     let mask = match mask {
         Some(m) => {
             let (mb, one, mq, mk) = m.dims4()?;
             if one != 1 || mq != q || mk != k || (mb != b && mb != 1) {
-                candle_core::bail!("attention mask {:?} does not fit scores {:?}", m.dims(), scores.dims());
+                candle_core::bail!(
+                    "attention mask {:?} does not fit scores {:?}",
+                    m.dims(),
+                    scores.dims()
+                );
             }
             Some(m.contiguous()?.detach())
         }
@@ -387,7 +415,9 @@ impl CustomOp1 for AttentionSoftmax {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = SoftmaxBackward { scale: self.scale };
-        Ok(Some(res.detach().apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+        Ok(Some(
+            res.detach().apply_op2_no_bwd(&grad.contiguous()?, &op)?,
+        ))
     }
 }
 
@@ -430,7 +460,11 @@ impl CustomOp2 for SoftmaxBackward {
 /// `silu(gate) ⊙ up`, differentiable in both.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.dims() != up.dims() {
-        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.dims(), up.dims());
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ in shape",
+            gate.dims(),
+            up.dims()
+        );
     }
     let gate = gate.contiguous()?;
     let up = up.contiguous()?;
@@ -481,11 +515,9 @@ impl CustomOp2 for SwiGlu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
-        let packed = gate.detach().apply_op3_no_bwd(
-            &up.detach(),
-            &grad.contiguous()?,
-            &SwiGluBackward,
-        )?;
+        let packed =
+            gate.detach()
+                .apply_op3_no_bwd(&up.detach(), &grad.contiguous()?, &SwiGluBackward)?;
         let dgate = packed.narrow(0, 0, n)?.reshape(gate.shape())?;
         let dup = packed.narrow(0, n, n)?.reshape(up.shape())?;
         Ok((
@@ -517,7 +549,11 @@ impl CustomOp3 for SwiGluBackward {
         let dy = slice(s3, l3, self.name())?;
         let n = dy.len();
         if g.len() != n || u.len() != n {
-            candle_core::bail!("swiglu backward: {} gates, {} ups, {n} gradients", g.len(), u.len());
+            candle_core::bail!(
+                "swiglu backward: {} gates, {} ups, {n} gradients",
+                g.len(),
+                u.len()
+            );
         }
         let mut out = vec![0f32; 2 * n];
         let (dg, du) = out.split_at_mut(n);
@@ -532,7 +568,10 @@ impl CustomOp3 for SwiGluBackward {
             }
         };
         if n < PARALLEL_MIN_ELEMS {
-            dg.chunks_mut(BLOCK).zip(du.chunks_mut(BLOCK)).enumerate().for_each(work);
+            dg.chunks_mut(BLOCK)
+                .zip(du.chunks_mut(BLOCK))
+                .enumerate()
+                .for_each(work);
         } else {
             dg.par_chunks_mut(BLOCK)
                 .zip(du.par_chunks_mut(BLOCK))
@@ -555,10 +594,20 @@ mod tests {
 
     /// Gradients of `Σ out ⊙ probe` with respect to `inputs`, for a fixed random `probe`.
     fn grads_of(out: &Tensor, probe: &Tensor, inputs: &[&Var]) -> Vec<Tensor> {
-        let grads = (out * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         inputs
             .iter()
-            .map(|v| grads.get(v.as_tensor()).expect("input gets a gradient").clone())
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .expect("input gets a gradient")
+                    .clone()
+            })
             .collect()
     }
 
@@ -570,13 +619,19 @@ mod tests {
         composed: impl Fn(&[Tensor]) -> Tensor,
         tol: f32,
     ) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let (a, b) = (fused(&ts), composed(&ts));
         assert_eq!(a.dims(), b.dims());
         let forward = max_abs_diff(&a, &b);
         assert!(forward <= tol, "forward differs by {forward}");
-        assert!(a.track_op(), "the fused op records a graph for tracked inputs");
+        assert!(
+            a.track_op(),
+            "the fused op records a graph for tracked inputs"
+        );
         let probe = randn(a.dims(), 1.0);
         let refs: Vec<&Var> = vars.iter().collect();
         for (i, (ga, gb)) in grads_of(&a, &probe, &refs)
@@ -584,10 +639,19 @@ mod tests {
             .zip(grads_of(&b, &probe, &refs))
             .enumerate()
         {
-            let scale = gb.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = gb
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let diff = max_abs_diff(ga, &gb);
             assert!(scale > 0.0, "input {i} gets a zero gradient");
-            assert!(diff <= tol * scale.max(1.0), "gradient of input {i} differs by {diff} (scale {scale})");
+            assert!(
+                diff <= tol * scale.max(1.0),
+                "gradient of input {i} differs by {diff} (scale {scale})"
+            );
         }
     }
 
@@ -670,7 +734,9 @@ mod tests {
         let x = Var::from_tensor(&randn(&[2, 4, 8], 1.0)).unwrap();
         let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
         assert!(rms_norm(x.as_tensor(), &w, 1e-6).unwrap().track_op());
-        assert!(!rms_norm(&x.as_tensor().detach(), &w, 1e-6).unwrap().track_op());
+        assert!(!rms_norm(&x.as_tensor().detach(), &w, 1e-6)
+            .unwrap()
+            .track_op());
         let inside = no_grad(|| swiglu(x.as_tensor(), x.as_tensor()).unwrap());
         assert!(!inside.track_op());
         // A frozen weight gets no gradient entry; the input still does.
@@ -695,7 +761,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not fit"), "{err}");
-        let err = swiglu(&randn(&[2, 3], 1.0), &randn(&[3, 2], 1.0)).unwrap_err().to_string();
+        let err = swiglu(&randn(&[2, 3], 1.0), &randn(&[3, 2], 1.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("differ in shape"), "{err}");
     }
 }
