@@ -7,7 +7,7 @@
 //! ([`composed`]), which candle differentiates itself.
 
 pub mod composed;
-mod fused;
+pub(crate) mod fused;
 pub mod ggml;
 mod grad;
 pub mod ids;

@@ -20,7 +20,7 @@
 
 use candle_core::{DType, Module, Tensor, Var, D};
 
-use crate::model::Linear;
+use crate::model::{Linear, LinearWeight};
 
 use crate::{Error, Result};
 
@@ -112,6 +112,99 @@ fn counted_targets(labels: &Tensor, b: usize, t: usize) -> Result<(Vec<u32>, Vec
     Ok((positions, targets))
 }
 
+/// Whether the head's input gradient can be taken as `dlogits · W` without autograd: a frozen
+/// (or dequantised) f32 weight on the CPU, nothing of the head trained.
+fn direct_head(head: &Linear, head_vars: &[Tensor]) -> bool {
+    head_vars.is_empty()
+        && head.device().is_cpu()
+        && head.compute_dtype() == DType::F32
+        && matches!(head.weight(), LinearWeight::Dense(w) if w.dtype() == DType::F32)
+}
+
+/// Cross-entropy of one chunk of f32 logits `[rows, vocab]` against `targets`: the summed
+/// negative log-likelihood, and when `want_grad` the gradient with respect to the logits,
+/// `(softmax − onehot) · scale`.
+///
+/// On the CPU one kernel does it in two passes per row (max, then exponentials with their sum
+/// accumulated in f64, as a 49k-term f32 sum would drift ~1e-5); elsewhere candle's ops do.
+fn cross_entropy_chunk(
+    logits: &Tensor,
+    targets: &[u32],
+    scale: f64,
+    want_grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let (rows, vocab) = logits.dims2()?;
+    let dev = logits.device();
+    if dev.is_cpu() {
+        let logits = logits.contiguous()?;
+        return Ok(crate::ops::fused::with_slice(
+            &logits,
+            "cross-entropy",
+            |data| {
+                let mut grad = if want_grad {
+                    vec![0f32; rows * vocab]
+                } else {
+                    vec![]
+                };
+                let row_nll = |(i, g): (usize, Option<&mut [f32]>)| -> f64 {
+                    let l = &data[i * vocab..(i + 1) * vocab];
+                    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f64;
+                    match g {
+                        Some(g) => {
+                            for (g, &x) in g.iter_mut().zip(l) {
+                                let e = (x - max).exp();
+                                *g = e;
+                                sum += e as f64;
+                            }
+                            let k = (scale / sum) as f32;
+                            for g in g.iter_mut() {
+                                *g *= k;
+                            }
+                            g[targets[i] as usize] -= scale as f32;
+                        }
+                        None => sum = l.iter().map(|&x| (x - max).exp() as f64).sum(),
+                    }
+                    sum.ln() - (l[targets[i] as usize] - max) as f64
+                };
+                use rayon::prelude::*;
+                let nll: Vec<f64> = if want_grad {
+                    grad.par_chunks_mut(vocab)
+                        .enumerate()
+                        .map(|(i, g)| row_nll((i, Some(g))))
+                        .collect()
+                } else {
+                    (0..rows)
+                        .into_par_iter()
+                        .map(|i| row_nll((i, None)))
+                        .collect()
+                };
+                let grad = if want_grad {
+                    Some(Tensor::from_vec(grad, (rows, vocab), dev)?)
+                } else {
+                    None
+                };
+                Ok((nll.iter().sum(), grad))
+            },
+        )?);
+    }
+    let tgt = Tensor::from_slice(targets, (rows, 1), dev)?;
+    let diff = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+    let exp = diff.exp()?;
+    let sum_exp = exp.to_dtype(DType::F64)?.sum_keepdim(1)?;
+    let picked = diff.gather(&tgt, 1)?.to_dtype(DType::F64)?;
+    let nll = (sum_exp.log()? - picked)?.sum_all()?.to_scalar::<f64>()?;
+    if !want_grad {
+        return Ok((nll, None));
+    }
+    let softmax = exp.broadcast_div(&sum_exp.to_dtype(DType::F32)?)?;
+    let minus_one = Tensor::full(-1f32, (rows, 1), dev)?;
+    let grad = softmax
+        .scatter_add(&tgt, &minus_one, 1)?
+        .affine(scale, 0.0)?;
+    Ok((nll, Some(grad)))
+}
+
 /// Mean cross-entropy of next-token prediction, as transformers' `ForCausalLMLoss`.
 ///
 /// `hidden` is `[batch, seq, hidden]` (the decoder's final-norm output), `head` maps hidden rows
@@ -150,15 +243,17 @@ pub fn causal_lm_loss(
     // The head's own trainable tensors and their gradients summed over chunks.
     let head_vars = if track { head.variables() } else { vec![] };
     let mut head_grads: Vec<Option<Tensor>> = vec![None; head_vars.len()];
+    let direct = direct_head(head, &head_vars);
     for (pos, tgt) in positions
         .chunks(options.chunk_rows)
         .zip(targets.chunks(options.chunk_rows))
     {
         let c = pos.len();
         let idx = Tensor::from_slice(pos, c, dev)?;
-        let tgt = Tensor::from_slice(tgt, (c, 1), dev)?;
         let rows = flat.detach().index_select(&idx, 0)?;
-        let leaf = if track {
+        // A frozen f32 head on the CPU: the input gradient is `dlogits · W`, computed directly;
+        // otherwise the head's own backward runs from a leaf (a trainable copy needs it).
+        let leaf = if track && !direct {
             Some(Var::from_tensor(&rows)?)
         } else {
             None
@@ -171,42 +266,30 @@ pub fn causal_lm_loss(
                 "label {m} is outside the vocabulary ({vocab} tokens)"
             )));
         }
-        // log-softmax statistics, off the graph: the gradient is written down directly.
-        let (exp, sum_exp, nll) = {
-            let l = logits.detach();
-            let diff = l.broadcast_sub(&l.max_keepdim(1)?)?;
-            let exp = diff.exp()?;
-            // The 49k-term sum in f64: f32 sequential summation would drift ~1e-5.
-            let sum_exp = exp.to_dtype(DType::F64)?.sum_keepdim(1)?;
-            let picked = diff.gather(&tgt, 1)?.to_dtype(DType::F64)?;
-            let nll = (sum_exp.log()? - picked)?;
-            (exp, sum_exp, nll)
-        };
-        sum += nll.sum_all()?.to_scalar::<f64>()?;
-        if let Some(leaf) = leaf {
-            let softmax = exp.broadcast_div(&sum_exp.to_dtype(DType::F32)?)?;
-            drop(exp);
-            let minus_one = Tensor::full(-1f32, (c, 1), dev)?;
-            let dlogits = softmax
-                .scatter_add(&tgt, &minus_one, 1)?
-                .affine(1.0 / denom as f64, 0.0)?;
-            drop(softmax);
-            let surrogate = (logits * dlogits)?.sum_all()?;
-            let mut grads = surrogate.backward()?;
-            let g = grads.remove(leaf.as_tensor()).ok_or_else(|| {
-                Error::InvalidArgument(
-                    "the output head passes no gradient to its input (a fused op without backward?)"
-                        .into(),
-                )
-            })?;
-            grad_chunks.push(g);
-            for (v, acc) in head_vars.iter().zip(head_grads.iter_mut()) {
-                if let Some(g) = grads.remove(v) {
-                    *acc = Some(match acc.take() {
-                        Some(prev) => (prev + g)?,
-                        None => g,
-                    });
-                }
+        let (nll_sum, dlogits) =
+            cross_entropy_chunk(&logits.detach(), &tgt, 1.0 / denom as f64, track)?;
+        sum += nll_sum;
+        let Some(dlogits) = dlogits else { continue };
+        if direct {
+            grad_chunks.push(dlogits.matmul(&head.dense_weight()?)?);
+            continue;
+        }
+        let Some(leaf) = leaf else { continue };
+        let surrogate = (logits * dlogits)?.sum_all()?;
+        let mut grads = surrogate.backward()?;
+        let g = grads.remove(leaf.as_tensor()).ok_or_else(|| {
+            Error::InvalidArgument(
+                "the output head passes no gradient to its input (a fused op without backward?)"
+                    .into(),
+            )
+        })?;
+        grad_chunks.push(g);
+        for (v, acc) in head_vars.iter().zip(head_grads.iter_mut()) {
+            if let Some(g) = grads.remove(v) {
+                *acc = Some(match acc.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                });
             }
         }
     }
