@@ -267,7 +267,7 @@ pub fn causal_lm_loss(
             )));
         }
         let (nll_sum, dlogits) =
-            cross_entropy_chunk(&logits.detach(), &tgt, 1.0 / denom as f64, track)?;
+            cross_entropy_chunk(&logits.detach(), tgt, 1.0 / denom as f64, track)?;
         sum += nll_sum;
         let Some(dlogits) = dlogits else { continue };
         if direct {
