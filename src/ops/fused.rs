@@ -128,19 +128,20 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = weight.elem_count();
-        let rows = x.elem_count() / d.max(1);
-        // One pass writes dx for every row and, as an extra last row, dweight.
+        let rows = x.elem_count() / weight.elem_count().max(1);
+        // A frozen norm weight (the usual case) needs no column sum.
+        let with_weight_grad = weight.track_op();
+        // One op writes dx for every row and, when asked, dweight as an extra last row.
         let packed = x.detach().apply_op3_no_bwd(
             &weight.detach(),
             &grad.contiguous()?,
             &RmsNormBackward {
                 eps: self.eps,
-                rows,
+                with_weight_grad,
             },
         )?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = if weight.track_op() {
+        let dw = if with_weight_grad {
             Some(packed.narrow(0, rows, 1)?.reshape(weight.shape())?)
         } else {
             None
@@ -149,11 +150,11 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Input: `x`, the weight and the output gradient `g`. Output `[rows + 1, d]`: `dx` rows, then
-/// `dweight = Σ_rows g ⊙ x̂`.
+/// Input: `x`, the weight and the output gradient `g`. Output `[rows, d]` of `dx`, plus a last
+/// row `dweight = Σ_rows g ⊙ x̂` when `with_weight_grad`.
 struct RmsNormBackward {
     eps: f32,
-    rows: usize,
+    with_weight_grad: bool,
 }
 
 impl CustomOp3 for RmsNormBackward {
@@ -174,21 +175,23 @@ impl CustomOp3 for RmsNormBackward {
         let w = slice(s2, l2, self.name())?;
         let g = slice(s3, l3, self.name())?;
         let d = w.len();
-        let n = self.rows * d;
-        if x.len() != n || g.len() != n {
+        if d == 0 || x.len() % d != 0 || g.len() != x.len() {
             candle_core::bail!(
-                "rms_norm backward: {} inputs and {} gradients for {n}",
+                "rms_norm backward: {} inputs and {} gradients for rows of {d}",
                 x.len(),
                 g.len()
             );
         }
-        let mut out = vec![0f32; n + d];
-        let (dx, dw) = out.split_at_mut(n);
+        let rows = x.len() / d;
+        let inv: Vec<f32> = x.chunks(d).map(|x| inv_rms(x, self.eps)).collect();
+        let extra = if self.with_weight_grad { d } else { 0 };
+        let mut out = vec![0f32; x.len() + extra];
+        let (dx, dw) = out.split_at_mut(x.len());
         // dx: per row. With x̂ = x·r and h = g ⊙ w:  dx = r · (h − x̂ · mean(h ⊙ x̂)).
         for_rows(dx, d, |i, dx| {
             let x = &x[i * d..(i + 1) * d];
             let g = &g[i * d..(i + 1) * d];
-            let r = inv_rms(x, self.eps);
+            let r = inv[i];
             let dot: f32 = x
                 .iter()
                 .zip(g)
@@ -200,31 +203,31 @@ impl CustomOp3 for RmsNormBackward {
                 *dx = r * (g * w - x * r * mean);
             }
         });
-        // dweight: a column sum, accumulated in per-thread partial rows.
-        let partial = |rows: std::ops::Range<usize>| {
-            let mut acc = vec![0f32; d];
-            for i in rows {
-                let x = &x[i * d..(i + 1) * d];
-                let g = &g[i * d..(i + 1) * d];
-                let r = inv_rms(x, self.eps);
-                for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
-                    *a += g * x * r;
+        if self.with_weight_grad {
+            // dweight: a column sum, accumulated in per-thread partial rows.
+            let partial = |range: std::ops::Range<usize>| {
+                let mut acc = vec![0f32; d];
+                for i in range {
+                    let x = &x[i * d..(i + 1) * d];
+                    let g = &g[i * d..(i + 1) * d];
+                    for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
+                        *a += g * x * inv[i];
+                    }
+                }
+                acc
+            };
+            let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+            let sums: Vec<Vec<f32>> = (0..rows.div_ceil(per))
+                .into_par_iter()
+                .map(|c| partial(c * per..((c + 1) * per).min(rows)))
+                .collect();
+            for s in sums {
+                for (a, v) in dw.iter_mut().zip(s) {
+                    *a += v;
                 }
             }
-            acc
-        };
-        let threads = rayon::current_num_threads().max(1);
-        let per = self.rows.div_ceil(threads).max(1);
-        let sums: Vec<Vec<f32>> = (0..self.rows.div_ceil(per))
-            .into_par_iter()
-            .map(|c| partial(c * per..((c + 1) * per).min(self.rows)))
-            .collect();
-        for s in sums {
-            for (a, v) in dw.iter_mut().zip(s) {
-                *a += v;
-            }
         }
-        Ok((CpuStorage::F32(out), Shape::from((self.rows + 1, d))))
+        Ok((CpuStorage::F32(out), Shape::from((rows + extra / d, d))))
     }
 }
 

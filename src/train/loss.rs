@@ -274,7 +274,9 @@ pub fn causal_lm_loss(
             grad_chunks.push(dlogits.matmul(&head.dense_weight()?)?);
             continue;
         }
-        let Some(leaf) = leaf else { continue };
+        let leaf = leaf.ok_or_else(|| {
+            Error::InvalidArgument("chunked loss: a tracked chunk without its input leaf".into())
+        })?;
         let surrogate = (logits * dlogits)?.sum_all()?;
         let mut grads = surrogate.backward()?;
         let g = grads.remove(leaf.as_tensor()).ok_or_else(|| {
